@@ -1,0 +1,36 @@
+"""Error types shared by the whole toolchain.
+
+Every error tledge raises on purpose carries a ``hint``: one sentence that says how
+to fix the problem. Command-line front ends print ``message`` and ``hint`` on one
+line each and exit non-zero; nothing else turns exceptions into text.
+"""
+
+from __future__ import annotations
+
+
+class TledgeError(Exception):
+    """Base class: a problem the user can fix, described in words, with a hint."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ImageError(TledgeError):
+    """An image could not be read or is not usable (missing, corrupt, too large, bad array)."""
+
+
+class MetadataError(TledgeError):
+    """A model file carries no tledge metadata, or metadata this version cannot read."""
+
+
+class ModelError(TledgeError):
+    """A model file is missing, unreadable, or its graph does not match its metadata."""
+
+
+class BackendError(TledgeError):
+    """The requested inference backend is not installed or cannot run this model here."""
