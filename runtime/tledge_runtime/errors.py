@@ -21,7 +21,15 @@ class TledgeError(Exception):
 
 
 class ImageError(TledgeError):
-    """An image could not be read or is not usable (missing, corrupt, too large, bad array)."""
+    """An image could not be read or is not usable (missing, corrupt, too large, bad array).
+
+    ``kind`` names the cause in one word so callers can count skipped files by reason:
+    missing, empty, not_image, corrupt, too_large, unreadable, bad_array.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, kind: str = "corrupt"):
+        super().__init__(message, hint)
+        self.kind = kind
 
 
 class MetadataError(TledgeError):

@@ -50,16 +50,16 @@ def load_image(source: ImageInput, *, channel_order: str = "rgb") -> Image.Image
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
-            raise ImageError(f"{path}: no such file", hint="check the path")
+            raise ImageError(f"{path}: no such file", hint="check the path", kind="missing")
         if path.is_dir():
-            raise ImageError(f"{path}: is a directory, not an image file", hint="pass image files, not folders")
+            raise ImageError(f"{path}: is a directory, not an image file", hint="pass image files, not folders", kind="unreadable")
         try:
             with open(path, "rb") as f:
                 return _decode(f, str(path))
         except OSError as e:  # permission denied, I/O error, symlink loop ...
-            raise ImageError(f"{path}: cannot be read ({e.strerror or e})", hint="check the file's permissions") from None
+            raise ImageError(f"{path}: cannot be read ({e.strerror or e})", hint="check the file's permissions", kind="unreadable") from None
     raise ImageError(f"cannot read an image from a {type(source).__name__}",
-                     hint="pass a file path, bytes, a PIL image or an HxWx3 uint8 numpy array")
+                     hint="pass a file path, bytes, a PIL image or an HxWx3 uint8 numpy array", kind="bad_array")
 
 
 def _decode(fp: Any, name: str) -> Image.Image:
@@ -71,23 +71,24 @@ def _decode(fp: Any, name: str) -> Image.Image:
             width, height = img.size
             if width * height > MAX_PIXELS:
                 raise ImageError(f"{name}: {width}x{height} pixels is more than the {MAX_PIXELS} allowed",
-                                 hint="downscale the image, or raise TLEDGE_MAX_PIXELS if it is trusted")
+                                 hint="downscale the image, or raise TLEDGE_MAX_PIXELS if it is trusted",
+                                 kind="too_large")
             img.load()  # decode now, inside the try: truncated files fail here, not later
             return to_rgb(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name}: image is too large (decompression bomb)",
-                         hint="downscale the image, or raise TLEDGE_MAX_PIXELS if it is trusted") from None
+                         hint="downscale the image, or raise TLEDGE_MAX_PIXELS if it is trusted", kind="too_large") from None
     except Image.UnidentifiedImageError:
         if _is_empty(fp):
-            raise ImageError(f"{name}: empty file (0 bytes)", hint="remove or replace the file") from None
-        raise ImageError(f"{name}: not an image file Pillow can read", hint="remove the file or convert it to PNG/JPEG") from None
+            raise ImageError(f"{name}: empty file (0 bytes)", hint="remove or replace the file", kind="empty") from None
+        raise ImageError(f"{name}: not an image file Pillow can read", hint="remove the file or convert it to PNG/JPEG", kind="not_image") from None
     except MemoryError:
-        raise ImageError(f"{name}: not enough memory to decode", hint="downscale the image") from None
+        raise ImageError(f"{name}: not enough memory to decode", hint="downscale the image", kind="too_large") from None
     except Exception as e:  # noqa: BLE001 - decoders raise many types on corrupt data; all mean "bad file"
         raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})",
-                         hint="remove or re-save the file") from None
+                         hint="remove or re-save the file", kind="corrupt") from None
 
 
 def _is_empty(fp: Any) -> bool:
@@ -139,21 +140,21 @@ def array_to_image(a: np.ndarray, *, channel_order: str = "rgb") -> Image.Image:
     """An ``HxW`` or ``HxWxC`` uint8 array (a camera frame) as an RGB PIL image."""
     order = channel_order.lower()
     if order not in ("rgb", "bgr"):
-        raise ImageError(f"unknown channel_order {channel_order!r}", hint="use 'rgb', or 'bgr' for OpenCV frames")
+        raise ImageError(f"unknown channel_order {channel_order!r}", hint="use 'rgb', or 'bgr' for OpenCV frames", kind="bad_array")
     if a.dtype != np.uint8:
         raise ImageError(f"image array has dtype {a.dtype}, expected uint8",
-                         hint="convert with arr.astype(np.uint8) after scaling to 0..255")
+                         hint="convert with arr.astype(np.uint8) after scaling to 0..255", kind="bad_array")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim == 2:
         if a.shape[0] < 1 or a.shape[1] < 1:
-            raise ImageError(f"image array has an empty shape {a.shape}", hint="pass a non-empty frame")
+            raise ImageError(f"image array has an empty shape {a.shape}", hint="pass a non-empty frame", kind="bad_array")
         return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
     if a.ndim != 3 or a.shape[2] not in (3, 4) or a.shape[0] < 1 or a.shape[1] < 1:
         raise ImageError(f"image array has shape {a.shape}, expected HxW, HxWx3 or HxWx4",
-                         hint="pass one frame in HWC layout (not CHW, not a batch)")
+                         hint="pass one frame in HWC layout (not CHW, not a batch)", kind="bad_array")
     if a.shape[0] * a.shape[1] > MAX_PIXELS:
-        raise ImageError(f"image array of {a.shape[1]}x{a.shape[0]} pixels is too large", hint="downscale the frame")
+        raise ImageError(f"image array of {a.shape[1]}x{a.shape[0]} pixels is too large", hint="downscale the frame", kind="too_large")
     if order == "bgr":
         a = a[:, :, [2, 1, 0, 3][: a.shape[2]]]
     img = Image.fromarray(np.ascontiguousarray(a))  # mode from the shape: RGB or RGBA
