@@ -1,0 +1,187 @@
+"""``Classifier(path).predict(frame)``: the runtime's whole API in one object.
+
+The classifier reads the model's metadata, opens a backend (:mod:`.backends`),
+and turns any image source into the graph's input exactly as the training eval
+transform does (:mod:`.preprocess`): normalized float NCHW for ordinary models,
+uint8 NHWC at model size for models whose normalization is baked into the graph.
+Scores are probabilities: a softmax of the logits, or the graph's own
+probabilities when its output kind says so.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .backends import Backend, open_backend
+from .errors import BackendError, ImageError, TledgeError
+from .image import ImageInput
+from .meta import ModelMeta
+from .preprocess import Normalizer, to_uint8_hwc
+
+# Largest batch sent to a dynamic-batch graph in one run: bounds memory for long lists.
+DEFAULT_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class for one image: its label, its index in the model's output, its probability."""
+
+    label: str
+    index: int
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "score": self.score}
+
+
+class Classifier:
+    """A tledge model ready to classify images; safe to share between threads.
+
+    ``device``: ``"auto"`` (a GPU if one is usable, else the CPU), ``"cpu"`` or ``"gpu"``.
+    ``backend``: force one of :data:`tledge_runtime.backends.BACKENDS`.
+    ``threads``: CPU threads per inference (default: the engine's own choice).
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", backend: str | None = None,
+                 threads: int | None = None):
+        opened = open_backend(path, device=device, backend=backend, threads=threads)
+        self.path = Path(path)
+        self.meta: ModelMeta = opened.meta
+        self.backend_reason = opened.reason
+        self._backend: Backend | None = opened.backend
+        self._close_lock = threading.Lock()
+        spec = opened.backend.input_dtype
+        self._baked = spec == np.uint8
+        self._normalizer = None if self._baked else Normalizer(
+            self.meta.preprocess, dtype=np.float16 if spec == np.float16 else np.float32)
+        self._nhwc = self.meta.input.layout == "NHWC"
+        b = opened.backend
+        self._chunk = b.fixed_batch or min(b.max_batch or DEFAULT_CHUNK, DEFAULT_CHUNK)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.meta.labels
+
+    @property
+    def backend_name(self) -> str:
+        """Which backend runs the model: ort-cpu, ort-cuda, ort-tensorrt, tensorrt or openvino."""
+        return self._live().name
+
+    @property
+    def max_batch(self) -> int:
+        """How many images go to the model in one run (a fixed-batch graph's size, or a chunk)."""
+        return self._chunk
+
+    # ---------------------------------------------------------------- predictions
+
+    def predict(self, x: ImageInput, channel_order: str = "rgb") -> Prediction:
+        """The most likely class of one image (path, bytes, PIL image, or HxWx3 uint8 array)."""
+        return self._best(self.scores(x, channel_order))
+
+    def predict_batch(self, xs: Iterable[ImageInput], channel_order: str = "rgb") -> list[Prediction]:
+        """``predict`` for many images, run through the model in batches."""
+        return [self._best(row) for row in self.scores_batch(xs, channel_order)]
+
+    def topk(self, x: ImageInput, k: int = 5, channel_order: str = "rgb") -> list[Prediction]:
+        """The ``k`` most likely classes of one image, best first (fewer if the model has fewer classes)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise TledgeError(f"k must be a positive integer, got {k!r}", hint="ask for k >= 1 classes")
+        probs = self.scores(x, channel_order)
+        order = np.argsort(-probs, kind="stable")[:k]
+        return [self._at(probs, int(i)) for i in order]
+
+    def scores(self, x: ImageInput, channel_order: str = "rgb") -> np.ndarray:
+        """Per-class probabilities of one image, in label order."""
+        return self.infer(self.prepare(x, channel_order)[None])[0]
+
+    def scores_batch(self, xs: Iterable[ImageInput], channel_order: str = "rgb") -> np.ndarray:
+        """Per-class probabilities of several images: an ``N x classes`` array."""
+        prepared = [self.prepare(x, channel_order) for x in xs]
+        if not prepared:
+            return np.zeros((0, self.meta.num_classes), dtype=np.float64)
+        return self.infer(np.stack(prepared))
+
+    # ---------------------------------------------------------------- the two halves
+
+    def prepare(self, x: ImageInput, channel_order: str = "rgb") -> np.ndarray:
+        """Load, convert and resize/crop one image: ``H x W x 3`` uint8 RGB at model size.
+
+        The CPU-heavy half of a prediction; servers and video loops run it apart from :meth:`infer`.
+        """
+        if not isinstance(channel_order, str) or channel_order.lower() not in ("rgb", "bgr"):
+            raise ImageError(f"unknown channel_order {channel_order!r}", hint="use 'rgb', or 'bgr' for OpenCV frames",
+                             kind="bad_array")
+        return to_uint8_hwc(x, self.meta.preprocess, channel_order=channel_order)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a batch of prepared images (``N x H x W x 3`` uint8, from :meth:`prepare`)."""
+        p = self.meta.preprocess
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8 or batch.shape[1:] != (p.height, p.width, 3):
+            got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
+            raise ImageError(f"infer() takes an N x {p.height} x {p.width} x 3 uint8 batch, got {got}",
+                             hint="build it with np.stack([clf.prepare(x) for x in images])", kind="bad_array")
+        backend = self._live()
+        out = [self._run_chunk(backend, batch[i:i + self._chunk]) for i in range(0, len(batch), self._chunk)]
+        return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes))
+
+    def _run_chunk(self, backend: Backend, chunk: np.ndarray) -> np.ndarray:
+        n = len(chunk)
+        if backend.fixed_batch and n < backend.fixed_batch:
+            # A fixed-batch graph takes exactly its batch: pad with copies of the last image, drop their results.
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], backend.fixed_batch - n, axis=0)])
+        if self._normalizer is None:
+            tensor = chunk  # baked preprocessing: the graph takes uint8 NHWC as it is
+        else:
+            tensor = self._normalizer(chunk)
+            if self._nhwc:
+                tensor = np.ascontiguousarray(tensor.transpose(0, 2, 3, 1))
+        out = np.asarray(backend.run(tensor), dtype=np.float64)[:n]
+        if not np.all(np.isfinite(out)):
+            raise BackendError(f"the model produced non-finite outputs on backend {backend.name}",
+                               hint="an fp16 model may overflow on this input; try the fp32 export")
+        return _softmax(out) if self.meta.output.kind == "logits" else out
+
+    def _best(self, probs: np.ndarray) -> Prediction:
+        return self._at(probs, int(np.argmax(probs)))
+
+    def _at(self, probs: np.ndarray, i: int) -> Prediction:
+        return Prediction(label=self.meta.labels[i], index=i, score=float(probs[i]))
+
+    # ---------------------------------------------------------------- lifetime
+
+    def _live(self) -> Backend:
+        backend = self._backend
+        if backend is None:
+            raise BackendError(f"{self.path.name}: this Classifier was closed", hint="create a new Classifier")
+        return backend
+
+    def close(self) -> None:
+        """Free the backend (GPU memory, sessions). Further predictions raise BackendError."""
+        with self._close_lock:
+            backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = self._backend.name if self._backend is not None else "closed"
+        return f"Classifier({str(self.path)!r}, backend={state!r}, labels={len(self.labels)})"
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)  # shift: exp never overflows
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
