@@ -92,10 +92,13 @@ class Classifier:
 
     def topk(self, x: ImageInput, k: int = 5, channel_order: str = "rgb") -> list[Prediction]:
         """The ``k`` most likely classes of one image, best first (fewer if the model has fewer classes)."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise TledgeError(f"k must be a positive integer, got {k!r}", hint="ask for k >= 1 classes")
-        probs = self.scores(x, channel_order)
-        order = np.argsort(-probs, kind="stable")[:k]
+        _check_k(k)
+        return self.rank(self.scores(x, channel_order), k)
+
+    def rank(self, probs: np.ndarray, k: int = 1) -> list[Prediction]:
+        """The ``k`` best classes of one row of probabilities (from :meth:`scores` or :meth:`infer`), best first."""
+        _check_k(k)
+        order = np.argsort(-np.asarray(probs), kind="stable")[:k]  # stable: ties keep label order
         return [self._at(probs, int(i)) for i in order]
 
     def scores(self, x: ImageInput, channel_order: str = "rgb") -> np.ndarray:
@@ -179,6 +182,11 @@ class Classifier:
     def __repr__(self) -> str:
         state = self._backend.name if self._backend is not None else "closed"
         return f"Classifier({str(self.path)!r}, backend={state!r}, labels={len(self.labels)})"
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise TledgeError(f"k must be a positive integer, got {k!r}", hint="ask for k >= 1 classes")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,0 +1,189 @@
+"""``tledge-runtime``: predict, info and serve from the command line.
+
+A thin map onto the Python API (argparse, so the device package needs nothing
+more). Every tledge error becomes one line on stderr, ``error: <message> (<hint>)``,
+and exit status 2; a user error never shows a traceback. Logging (the backend
+choice, the server's address) goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import ImageError, TledgeError
+
+EXIT_USER_ERROR = 2
+log = logging.getLogger("tledge_runtime")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return args.run(args)
+    except TledgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `tledge-runtime predict ... | head`: the reader left, nothing is wrong
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tledge-runtime", description="Run tledge-exported image classifiers.")
+    parser.add_argument("--version", action="version", version=f"tledge-runtime {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="classify image files")
+    p.add_argument("model", type=Path, help=".onnx or .engine file written by tledge export")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--topk", type=_positive_int, default=1, metavar="K", help="list the K best classes (default: 1)")
+    _add_model_options(p)
+    p.set_defaults(run=_predict)
+
+    p = sub.add_parser("info", help="show a model's metadata and the backends usable on this machine")
+    p.add_argument("model", type=Path, help=".onnx or .engine file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_info)
+
+    p = sub.add_parser("serve", help="serve predictions over HTTP (POST /predict, GET /health, GET /info)")
+    p.add_argument("model", type=Path, help=".onnx or .engine file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    p.add_argument("--max-bytes", type=_positive_int, default=10 << 20, help="largest image upload in bytes (default: 10 MiB)")
+    p.add_argument("--max-queue", type=_positive_int, default=64, help="requests in flight before answering 503 (default: 64)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="images per model run under load (default: 8)")
+    p.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes in each answer (default: 5)")
+    _add_model_options(p)
+    p.set_defaults(run=_serve)
+    return parser
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    from .backends import BACKENDS
+
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu", "cuda"), help="where to run (default: auto)")
+    p.add_argument("--backend", default=None, choices=BACKENDS, help="force a backend (default: chosen by --device)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads per inference (default: all cores)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _classifier(args: argparse.Namespace) -> Any:
+    from .classifier import Classifier
+
+    return Classifier(args.model, device=args.device, backend=args.backend, threads=args.threads)
+
+
+# ------------------------------------------------------------------------- predict
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    with _classifier(args) as clf:
+        prepared, names, failed = [], [], 0
+        for path in args.images:
+            try:
+                prepared.append(clf.prepare(path))
+                names.append(str(path))
+            except ImageError as e:  # report, carry on with the other images, exit 2 at the end
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
+        probs = clf.infer(np.stack(prepared)) if prepared else []
+        k = min(args.topk, len(clf.labels))
+        width = max([len(n) for n in names] + [5])
+        if not args.json and names:
+            print(f"{'IMAGE':<{width}}  {'LABEL':<16} SCORE" + ("   TOP-K" if k > 1 else ""))
+        for name, row in zip(names, probs):
+            top = clf.rank(row, k)
+            if args.json:
+                record = {"image": name, **top[0].to_dict()}
+                if k > 1:
+                    record["topk"] = [p.to_dict() for p in top]
+                print(json.dumps(record))
+            else:
+                extra = "   " + ", ".join(f"{p.label} {p.score:.4f}" for p in top) if k > 1 else ""
+                print(f"{name:<{width}}  {top[0].label:<16} {top[0].score:.4f}{extra}")
+    return EXIT_USER_ERROR if failed else 0
+
+
+# ------------------------------------------------------------------------- info
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .backends import available_backends, read_meta
+    from .engine_file import is_engine_file
+
+    meta = read_meta(args.model)
+    fmt = "tensorrt-engine" if is_engine_file(args.model) else "onnx"
+    backends = available_backends()
+    usable = {b.name for b in backends if b.available}
+    order = ("tensorrt",) if fmt == "tensorrt-engine" else ("ort-tensorrt", "ort-cuda", "ort-cpu")
+    auto = next((name for name in order if name in usable), None)
+    if args.json:
+        print(json.dumps({"file": str(args.model), "format": fmt, "meta": meta.to_dict(), "auto_backend": auto,
+                          "backends": [{"name": b.name, "available": b.available, "detail": b.detail} for b in backends]},
+                         indent=2))
+        return 0
+    p, spec = meta.preprocess, meta.input
+    rows = [
+        ("file", f"{args.model} ({fmt}, {args.model.stat().st_size / 1e6:.1f} MB)"),
+        ("schema", f"version {meta.schema_version}, task {meta.task}"),
+        ("labels", f"{meta.num_classes}: " + ", ".join(meta.labels[:20]) + (" ..." if meta.num_classes > 20 else "")),
+        ("input", f"{spec.name} {spec.layout} {spec.dtype}, batch {spec.batch or 'dynamic'}, {p.height}x{p.width}"
+                  + (", preprocessing baked in" if spec.baked_preprocess else "")),
+        ("resize", f"{p.resize}" + (f" (crop ratio {p.crop_ratio:g}, shorter side {p.resize_size})" if p.resize == "crop" else "")
+                   + f", {p.interpolation}"),
+        ("normalize", f"mean {list(p.mean)}, std {list(p.std)}, scale {p.scale:.6g}, {p.channel_order}"),
+        ("output", f"{meta.output.name} ({meta.output.kind})"),
+        ("precision", meta.precision + (f", {meta.quantization.target} int8 ({meta.quantization.method}, "
+                                        f"{meta.quantization.calibration_images} calibration images)"
+                                        if meta.quantization else "")),
+        ("provenance", f"{meta.provenance.architecture}, tledge {meta.provenance.tledge_version or '?'}, "
+                       f"opset {meta.provenance.opset or '?'}, created {meta.provenance.created or '?'}"),
+    ]
+    if meta.verification:
+        rows.append(("verification", json.dumps(meta.verification, sort_keys=True)[:200]))
+    for key, value in rows:
+        print(f"{key:<13} {value}")
+    print("backends")
+    for b in backends:
+        print(f"  {'yes' if b.available else 'no ':<4} {b.name:<13} {b.detail}")
+    print(f"auto picks    {auto or 'nothing usable here'}")
+    return 0
+
+
+# ------------------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    config = ServeConfig(host=args.host, port=args.port, max_bytes=args.max_bytes, max_queue=args.max_queue,
+                         max_batch=args.max_batch, topk=args.topk)
+    with _classifier(args) as clf:
+        serve(clf, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
