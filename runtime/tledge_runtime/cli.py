@@ -19,13 +19,12 @@ from . import __version__
 from .errors import ImageError, TledgeError
 
 EXIT_USER_ERROR = 2
-log = logging.getLogger("tledge_runtime")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    _log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.run(args)
     except TledgeError as e:
@@ -35,6 +34,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `tledge-runtime predict ... | head`: the reader left, nothing is wrong
         return 0
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (the CLI may run many times in one process, as in tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _log_to_stderr(level: int) -> None:
+    # Only tledge_runtime's own messages; other libraries' INFO chatter stays off.
+    logger = logging.getLogger("tledge_runtime")
+    logger.setLevel(level)
+    logger.propagate = False
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
 
 
 def _parser() -> argparse.ArgumentParser:

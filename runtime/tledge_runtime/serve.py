@@ -25,6 +25,7 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, urlsplit
@@ -164,6 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: PredictionServer
     server_version = f"tledge-runtime/{__version__}"
     protocol_version = "HTTP/1.0"
+    default_request_version = "HTTP/1.0"  # even a garbled request line gets a status line back, not bare HTML
 
     def setup(self) -> None:
         self.timeout = self.server.config.timeout_s  # socket timeout: a stalled client cannot hold a thread forever
@@ -311,6 +313,11 @@ class _Handler(BaseHTTPRequestHandler):
                 left -= len(chunk)
         except OSError:
             pass
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """The base class's errors (bad request line, oversized headers) as JSON like all the others."""
+        self.close_connection = True
+        self._error(code, message or HTTPStatus(code).phrase, explain or "send a well-formed HTTP/1.x request")
 
     def _error(self, status: int, message: str, hint: Optional[str], headers: Optional[dict] = None) -> None:
         self._json(status, {"error": message, "hint": hint}, headers)

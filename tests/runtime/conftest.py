@@ -1,117 +1,21 @@
-"""Tiny real ONNX classifiers and real image files, built inside the tests.
+"""Fixtures of the runtime tests: model files and image files written once per session.
 
-Every model is ``GlobalAveragePool -> Flatten -> Gemm`` over the normalized input,
-with the Gemm weights set to a scaled identity: the logit of class c is the mean
-normalized value of channel c. So a mostly red image is "red", a mostly green one
-"green", a mostly blue one "blue" - predictions are known without training.
-
-Variants: fp32 (float NCHW), fp16 (float16 end to end), baked (uint8 NHWC input,
-normalization inside the graph), probabilities (a Softmax at the end), and fixed
-batch. ``write_model`` also makes broken ones (missing/newer metadata, graphs
-that contradict their metadata) for the error tests.
+The builders live in ``runtime_testkit.py`` (a unique module name, importable from
+the test files because this folder is put on ``sys.path``: pytest runs in importlib
+mode, which does not do that by itself).
 """
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from tledge_runtime.meta import ONNX_KEY, InputSpec, ModelMeta, OutputSpec, Preprocess, Provenance
+sys.path.insert(0, str(Path(__file__).parent))
 
-LABELS = ("red", "green", "blue")
-SIZE = 16
-COLOURS = {"red": (220, 30, 40), "green": (30, 200, 50), "blue": (40, 50, 210)}
-
-
-def make_meta(variant: str = "fp32", *, labels: tuple[str, ...] = LABELS, size: int = SIZE,
-              batch: int | None = None, output_kind: str = "logits") -> ModelMeta:
-    """The metadata tledge export would write for one of the test graphs."""
-    baked = variant == "baked"
-    return ModelMeta(
-        labels=labels,
-        preprocess=Preprocess(height=size, width=size, resize="crop", crop_ratio=0.875),
-        provenance=Provenance(architecture="tiny-gap-gemm", opset=17),
-        input=InputSpec(name="input", layout="NHWC" if baked else "NCHW",
-                        dtype={"fp32": "float32", "fp16": "float16", "baked": "uint8"}[variant],
-                        batch=batch, baked_preprocess=baked),
-        output=OutputSpec(name="logits", kind=output_kind),
-        precision="fp16" if variant == "fp16" else "fp32",
-    )
-
-
-def build_graph(variant: str = "fp32", *, size: int = SIZE, classes: int = 3, channels: int = 3,
-                batch: int | None = None, probabilities: bool = False, input_name: str = "input") -> onnx.ModelProto:
-    """The ONNX graph of a colour classifier; ``classes``/``channels`` other than 3 make mismatched graphs."""
-    fdt = np.float16 if variant == "fp16" else np.float32
-    tdt = TensorProto.FLOAT16 if variant == "fp16" else TensorProto.FLOAT
-    n: Any = batch if batch is not None else "batch"
-    weights = np.zeros((channels, classes), dtype=fdt)
-    for i in range(min(channels, classes)):
-        weights[i, i] = 1.0  # logit of class c = mean normalized value of channel c
-    inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.zeros(classes, fdt), "B")]
-    nodes = []
-    if variant == "baked":
-        p = Preprocess(height=size, width=size)
-        std = np.asarray(p.std, dtype=np.float64)
-        inits += [numpy_helper.from_array((p.scale / std).astype(np.float32), "mul"),
-                  numpy_helper.from_array((-np.asarray(p.mean) / std).astype(np.float32), "add")]
-        x = helper.make_tensor_value_info(input_name, TensorProto.UINT8, [n, size, size, channels])
-        nodes += [helper.make_node("Cast", [input_name], ["xf"], to=TensorProto.FLOAT),
-                  helper.make_node("Mul", ["xf", "mul"], ["xm"]),
-                  helper.make_node("Add", ["xm", "add"], ["xn"]),
-                  helper.make_node("Transpose", ["xn"], ["nchw"], perm=[0, 3, 1, 2])]
-        pooled_in = "nchw"
-    else:
-        x = helper.make_tensor_value_info(input_name, tdt, [n, channels, size, size])
-        pooled_in = input_name
-    nodes += [helper.make_node("GlobalAveragePool", [pooled_in], ["pooled"]),
-              helper.make_node("Flatten", ["pooled"], ["flat"])]
-    if probabilities:
-        nodes += [helper.make_node("Gemm", ["flat", "W", "B"], ["z"]), helper.make_node("Softmax", ["z"], ["logits"], axis=1)]
-    else:
-        nodes.append(helper.make_node("Gemm", ["flat", "W", "B"], ["logits"]))
-    y = helper.make_tensor_value_info("logits", tdt, [n, classes])
-    model = helper.make_model(helper.make_graph(nodes, "colour", [x], [y], inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # readable by every onnxruntime >= 1.15
-    onnx.checker.check_model(model)
-    return model
-
-
-def write_model(path: Path, variant: str = "fp32", *, meta: ModelMeta | None = None, meta_json: str | None = None,
-                no_meta: bool = False, graph: onnx.ModelProto | None = None, **meta_kwargs: Any) -> Path:
-    """Write a test model: a graph plus its metadata (or deliberately wrong/missing metadata)."""
-    model = graph if graph is not None else build_graph(
-        variant, batch=meta_kwargs.get("batch"), probabilities=meta_kwargs.get("output_kind") == "probabilities")
-    del model.metadata_props[:]
-    if not no_meta:
-        text = meta_json if meta_json is not None else (meta or make_meta(variant, **meta_kwargs)).to_json()
-        model.metadata_props.append(onnx.StringStringEntryProto(key=ONNX_KEY, value=text))
-    onnx.save(model, str(path))
-    return path
-
-
-def meta_dict(**changes: Any) -> dict:
-    """The fp32 test metadata as a dict, with top-level fields changed (for newer/garbled documents)."""
-    d = json.loads(make_meta().to_json())
-    d.update(changes)
-    return d
-
-
-def colour_image(name: str, seed: int, size: tuple[int, int] = (40, 30)) -> np.ndarray:
-    """An HxWx3 uint8 RGB picture dominated by one colour, with noise so every file differs."""
-    rng = np.random.default_rng(seed)
-    base = np.asarray(COLOURS[name], dtype=np.int16)
-    noise = rng.integers(-30, 31, size=(size[1], size[0], 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
-
+from runtime_testkit import LABELS, colour_image, write_model  # noqa: E402
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
