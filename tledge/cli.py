@@ -1,4 +1,200 @@
+"""The `tledge` command line: a thin map from options to the Python API.
+
+Each command turns its options into arguments of one library call. Errors the user
+can fix (:class:`~tledge.errors.TledgeError`) become one-line messages here, in one
+place (:class:`_Group`), with a non-zero exit; anything else is a bug and keeps its
+traceback. Heavy imports (torch, ...) happen inside the commands so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
 import click
-@click.group()
-def main():
-    """placeholder"""
+from tledge_runtime.errors import TledgeError
+
+from . import __version__
+
+_HELP = dict(help_option_names=["-h", "--help"], max_content_width=100)
+
+
+class _Group(click.Group):
+    """Click group that turns tledge's own errors into `Error: <message> (<hint>)`, exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TledgeError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; a finetune run continues with --resume") from None
+
+
+def _setup_logging(quiet: bool = False) -> None:
+    """Core modules log; the CLI prints those lines plainly on stderr."""
+    root = logging.getLogger("tledge")
+    if not any(getattr(h, "_tledge_cli", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._tledge_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(cls=_Group, context_settings=_HELP)
+@click.version_option(__version__, "-V", "--version", prog_name="tledge")
+def main() -> None:
+    """Fine-tune an ImageNet classifier on your images, export it to ONNX / TensorRT at
+    fp32, fp16 and int8 with every export verified against PyTorch, and run it on the edge.
+
+    \b
+    Typical session:
+      tledge data elpv data/elpv                 # a real dataset, offline
+      tledge finetune data/elpv --out runs/elpv  # -> runs/elpv/best.pt, plots, metrics
+      tledge evaluate runs/elpv/best.pt data/elpv
+    """
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+@main.group(cls=_Group, context_settings=_HELP)
+def data() -> None:
+    """Prepare datasets."""
+
+
+@data.command("elpv", context_settings=_HELP)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--test-split", type=click.FloatRange(0.05, 0.5), default=0.25, show_default=True,
+              help="Fraction of images held out for testing (stratified by class and module type).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--overwrite", is_flag=True, help="Write into OUT even if it is not empty.")
+def data_elpv(out: Path, test_split: float, seed: int, overwrite: bool) -> None:
+    """Write the ELPV solar-cell dataset (pip install elpv-dataset) to OUT as an image folder.
+
+    OUT/{train,test}/{functional,defective}/*.png, defective = defect probability >= 0.5,
+    plus OUT/labels.csv with each cell's probability and module type. License: CC BY-NC-SA 4.0.
+    """
+    from .elpv import materialize
+
+    summary = materialize(out, test_split=test_split, seed=seed, overwrite=overwrite)
+    for split, counts in summary.counts.items():
+        click.echo(f"{split:5s}: " + ", ".join(f"{n} {c}" for c, n in counts.items()))
+    click.echo(f"wrote {summary.out}")
+
+
+# --- finetune -------------------------------------------------------------------------------------
+
+def _weights(value: str) -> str:
+    if value in ("imagenet", "none") or Path(value).is_file():
+        return value
+    raise click.BadParameter(f"{value!r} is neither 'imagenet', 'none' nor an existing file", param_hint="--weights")
+
+
+@main.command(context_settings=_HELP)
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(["efficientnet_lite0", "resnet18", "resnet34", "resnet50"]),
+              default="efficientnet_lite0", show_default=True,
+              help="Backbone. efficientnet_lite0's ImageNet weights need no download.")
+@click.option("--weights", default="imagenet", show_default=True, callback=lambda c, p, v: _weights(v),
+              help="imagenet, none (train from scratch), or a state-dict FILE of the architecture.")
+@click.option("--epochs", type=click.IntRange(1, 10_000), default=12, show_default=True,
+              help="Total epochs, head warm-up included.")
+@click.option("--freeze-epochs", type=click.IntRange(0, 10_000), default=3, show_default=True,
+              help="Head-only epochs on cached backbone features first; >= --epochs trains only the head.")
+@click.option("--img-size", type=click.IntRange(16, 1024), default=224, show_default=True, help="Input size, pixels.")
+@click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0), default=1.0, show_default=True,
+              help="Eval crop: shorter side to img-size/ratio, then centre crop (ImageNet uses 0.875).")
+@click.option("--batch-size", "-b", type=click.IntRange(1, 8192), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, 10, min_open=True), default=1e-3, show_default=True,
+              help="Head learning rate; the backbone trains at lr x --backbone-lr-scale.")
+@click.option("--backbone-lr-scale", type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0, 1), default=None,
+              help="Default: 0.05 for AdamW, 1e-4 for SGD.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 0.99), default=0.1, show_default=True)
+@click.option("--patience", type=click.IntRange(0, 10_000), default=5, show_default=True,
+              help="Stop after this many fine-tuning epochs without a better val accuracy (0: never).")
+@click.option("--val-split", type=click.FloatRange(0, 0.9), default=0.1, show_default=True,
+              help="Validation fraction when DATA has no val/ folder.")
+@click.option("--test-split", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
+              help="Test fraction when DATA is a plain class-folder layout.")
+@click.option("--vflip", is_flag=True, help="Also flip vertically (inspection, microscopy, top-down images).")
+@click.option("--train-bn", is_flag=True, help="Update BatchNorm statistics while fine-tuning (default: keep ImageNet's).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder [default: runs/exp, runs/exp2, ...].")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True, help="Image decoding threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
+def finetune(data: Path, out: Optional[Path], resume: bool, as_json: bool, no_amp: bool, **opts: Any) -> None:
+    """Fine-tune an ImageNet-pretrained backbone on the images in DATA.
+
+    DATA is DATA/<class>/<images> (a seeded, stratified train/val/test split is made and
+    saved in the run folder) or DATA/{train,val,test}/<class>/<images>. Unreadable
+    images are skipped and counted. Writes best.pt, last.pt, metrics.json, history.csv,
+    curves.png and confusion.png to the run folder. Runs on several GPUs/processes
+    unchanged under `torchrun --nproc_per_node N -m tledge finetune ...`.
+    """
+    from .finetune import FinetuneConfig, finetune as run_finetune, resume as run_resume
+
+    _setup_logging(quiet=as_json)
+    if resume:
+        if out is None:
+            raise click.UsageError("--resume needs --out, the folder of the run to continue")
+        result = run_resume(out)
+    else:
+        cfg = FinetuneConfig(data=str(data), out=str(out) if out else None, amp=not no_amp,
+                             **{k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()})
+        result = run_finetune(cfg)
+    if as_json:
+        _emit_json({k: v for k, v in result.metrics.items() if k != "reports"} | {"out": str(result.out)})
+        return
+    m = result.metrics
+    parts = [f"{k.removesuffix('_accuracy')} accuracy {100 * m[k]:.2f}%" for k in ("val_accuracy", "test_accuracy") if k in m]
+    click.echo(f"best epoch {m['best_epoch']}: " + ", ".join(parts))
+    click.echo(f"wrote {result.best} (+ last.pt, metrics.json, history.csv, curves.png, confusion.png)")
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+@main.command(context_settings=_HELP)
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Which split of a DATA/{train,val,test} layout [default: test, else val].")
+@click.option("--batch-size", "-b", type=click.IntRange(1, 8192), default=32, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the confusion matrix as a PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int, device: str,
+             plot: Optional[Path], as_json: bool) -> None:
+    """Accuracy, per-class precision/recall/F1 and confusion matrix of CHECKPOINT on DATA."""
+    from .evaluate import evaluate as run_evaluate
+    from .metrics import format_report
+
+    _setup_logging(quiet=as_json)
+    result = run_evaluate(checkpoint, data, split=split, batch_size=batch_size, device=device, plot=plot)
+    if as_json:
+        _emit_json({**result.report, "data": str(result.data), "skipped": len(result.skipped)})
+        return
+    click.echo(f"{result.data}")
+    click.echo(format_report(result.report))
+    if result.skipped_line:
+        click.echo(result.skipped_line)
+    if result.plot:
+        click.echo(f"wrote {result.plot}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,85 @@
+"""`tledge data elpv OUT`: the pip-installed ELPV solar-cell dataset as an image folder.
+
+ELPV (Buerhop-Lutz et al., Deitsch et al.; CC BY-NC-SA 4.0) holds 2,624 300x300 grayscale
+electroluminescence images of solar cells, each with an expert's defect probability
+(0, 1/3, 2/3, 1) and the module type (mono, poly). Following the published baselines,
+a cell is ``defective`` when its probability is >= 0.5, else ``functional``, and the images
+are split 75/25 into train/test, stratified by class and module type, with a fixed seed.
+The images are copied from the installed package; they are never part of this repository.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tledge_runtime.fileio import atomic_write
+
+from .errors import DataError
+from .progress import progress
+
+CLASSES = ("functional", "defective")
+THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class ElpvSummary:
+    out: Path
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+
+
+def _package_labels() -> Path:
+    try:
+        import elpv_dataset
+    except ImportError:
+        raise DataError("the ELPV dataset package is not installed",
+                        hint="pip install elpv-dataset  (or: pip install -e '.[elpv]')") from None
+    labels = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
+    if not labels.is_file():
+        raise DataError(f"{labels}: missing from the installed elpv-dataset package", hint="pip install --force-reinstall elpv-dataset")
+    return labels
+
+
+def materialize(out: Path, *, test_split: float = 0.25, seed: int = 0, overwrite: bool = False) -> ElpvSummary:
+    """Write ``out/{train,test}/{functional,defective}/cellNNNN.png`` and ``out/labels.csv``."""
+    labels = _package_labels()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{out}: folder exists and is not empty", hint="choose another folder, or pass --overwrite")
+    rows = []
+    for line in labels.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            rows.append((labels.parent / parts[0], float(parts[1]), parts[2]))
+    # Stratify by (class, module type) so both splits keep the mono/poly mix.
+    groups: dict[tuple[str, str], list] = {}
+    for path, prob, kind in rows:
+        groups.setdefault((CLASSES[prob >= THRESHOLD], kind), []).append((path, prob, kind))
+    rng = random.Random(seed)
+    assignments = []
+    for key in sorted(groups):
+        items = sorted(groups[key])
+        rng.shuffle(items)
+        n_test = round(len(items) * test_split)
+        assignments += [("test", *r) for r in items[:n_test]] + [("train", *r) for r in items[n_test:]]
+    counts: dict[str, dict[str, int]] = {"train": dict.fromkeys(CLASSES, 0), "test": dict.fromkeys(CLASSES, 0)}
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["path", "split", "class", "probability", "module_type"])
+    for split, path, prob, kind in progress(sorted(assignments, key=lambda a: a[1].name), desc="elpv", unit="img"):
+        cls = CLASSES[prob >= THRESHOLD]
+        dest = out / split / cls / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+        counts[split][cls] += 1
+        writer.writerow([dest.relative_to(out).as_posix(), split, cls, f"{prob:.4f}", kind])
+    atomic_write(out / "labels.csv", table.getvalue().encode())
+    atomic_write(out / "LICENSE.txt", (
+        "ELPV dataset: Buerhop-Lutz, Deitsch et al., https://github.com/zae-bayern/elpv-dataset\n"
+        "License: CC BY-NC-SA 4.0 (https://creativecommons.org/licenses/by-nc-sa/4.0/)\n"
+        "Materialized by `tledge data elpv` from the pip package elpv-dataset.\n").encode())
+    return ElpvSummary(out=out, counts=counts)

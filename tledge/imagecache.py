@@ -1,0 +1,120 @@
+"""Decode every image once, into one uint8 array, skipping and counting bad files.
+
+A typical training loop decodes and resizes each JPEG/PNG again in every epoch.
+tledge decodes each file exactly once (in threads; Pillow releases the GIL while it
+decodes and resizes) into an ``N x H x W x 3`` uint8 array, in memory or, past
+:data:`RAM_BUDGET_BYTES`, in a memory-mapped file. Validation and test images are
+stored at exactly the model input (the runtime's own resize/crop code makes them,
+so evaluation sees what a device sees); training images are stored somewhat larger,
+for random-resized-crop augmentation.
+
+A file that cannot be decoded is skipped and counted by reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from tledge_runtime.errors import ImageError
+from tledge_runtime.meta import Preprocess
+from tledge_runtime.preprocess import to_uint8_hwc
+
+from .data import Sample
+from .errors import DataError
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+RAM_BUDGET_BYTES = int(float(os.environ.get("TLEDGE_CACHE_RAM_GB", "4")) * (1 << 30))
+TRAIN_MARGIN = 1.25  # training images are stored this much larger than the model input
+
+
+@dataclass
+class DecodedImages:
+    """Decoded images (uint8 NHWC) with their labels; ``skipped`` lists ``(path, kind, message)``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[Path]
+    skipped: list[tuple[Path, str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def train_geometry(p: Preprocess) -> Preprocess:
+    """The geometry training images are stored at: the region the eval transform sees before its
+    centre crop, ``TRAIN_MARGIN`` times larger, so random crops keep detail."""
+    if p.resize == "crop":
+        side = int(round(p.resize_size * TRAIN_MARGIN))
+        return replace(p, height=side, width=side, crop_ratio=1.0)
+    return replace(p, height=int(round(p.height * TRAIN_MARGIN)), width=int(round(p.width * TRAIN_MARGIN)))
+
+
+def decode_images(samples: Sequence[Sample], geometry: Preprocess, *, workers: int = 4, desc: str = "decode",
+                  memmap_dir: Optional[Path] = None) -> DecodedImages:
+    """Decode ``samples`` at ``geometry`` (resize/crop only, no normalisation) into one uint8 array."""
+    n, h, w = len(samples), geometry.height, geometry.width
+    images = _allocate((n, h, w, 3), memmap_dir, desc)
+    ok = np.zeros(n, dtype=bool)
+    skipped: list[tuple[Path, str, str]] = []
+
+    def work(i: int) -> None:
+        try:
+            images[i] = to_uint8_hwc(samples[i].path, geometry)
+            ok[i] = True
+        except ImageError as e:
+            skipped.append((samples[i].path, e.kind, e.message))  # list.append is atomic under the GIL
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for _ in progress(pool.map(work, range(n)), total=n, desc=desc, unit="img"):
+            pass
+    keep = np.flatnonzero(ok)
+    labels = np.array([samples[i].label for i in keep], dtype=np.int64)
+    if len(keep) < n:
+        images = images[keep] if not isinstance(images, np.memmap) else _compact(images, keep)
+    return DecodedImages(images, labels, [samples[i].path for i in keep], sorted(skipped))
+
+
+def _allocate(shape: tuple[int, ...], memmap_dir: Optional[Path], name: str) -> np.ndarray:
+    nbytes = int(np.prod(shape))
+    if nbytes <= RAM_BUDGET_BYTES or memmap_dir is None:
+        return np.empty(shape, dtype=np.uint8)
+    memmap_dir.mkdir(parents=True, exist_ok=True)
+    path = memmap_dir / f"{name.replace(' ', '_')}.u8.npy"
+    log.info("caching %.1f GB of decoded images in %s", nbytes / 2**30, path)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+
+
+def _compact(images: np.memmap, keep: np.ndarray) -> np.ndarray:
+    """Move kept rows to the front of a memmap in place, so skipping files does not copy gigabytes."""
+    for dst, src in enumerate(keep):
+        if dst != src:
+            images[dst] = images[src]
+    return images[: len(keep)]
+
+
+def summarize_skipped(skipped: Sequence[tuple[Path, str, str]], total: int) -> str:
+    """One line: how many files were skipped and why, e.g. ``skipped 3 of 120 images: 2 corrupt, 1 empty``."""
+    if not skipped:
+        return ""
+    by_kind = Counter(kind.replace("_", " ") for _, kind, _ in skipped)
+    reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(by_kind.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"skipped {len(skipped)} of {total} images: {reasons}"
+
+
+def require_every_class(decoded: DecodedImages, classes: Sequence[str], split: str) -> None:
+    """A class whose every file was bad is an error, not a silently smaller problem."""
+    present = set(decoded.labels.tolist())
+    lost = [c for i, c in enumerate(classes) if i not in present]
+    if lost:
+        raise DataError(f"{split} split: class(es) {', '.join(lost)} have no readable images "
+                        f"({len(decoded.skipped)} files skipped)",
+                        hint="see skipped.txt in the run folder, then fix or replace those files")
