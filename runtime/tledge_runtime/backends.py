@@ -6,7 +6,7 @@ graph's input tensor) into the graph's output (logits or probabilities):
 - ``ort-cpu``, ``ort-cuda``, ``ort-tensorrt``: ONNX Runtime with the CPU, CUDA or
   TensorRT execution provider (the last two need ``onnxruntime-gpu`` and a GPU);
 - ``tensorrt``: a tledge ``.engine`` file run by TensorRT itself (:mod:`.trt_backend`);
-- ``openvino``: the ONNX file compiled by OpenVINO for the CPU.
+- ``openvino``: the ONNX file compiled by OpenVINO for the CPU (:mod:`.openvino_backend`).
 
 :func:`open_backend` reads the model's metadata, picks a backend (``device="auto"``:
 an engine file -> ``tensorrt``; an ONNX file -> ``ort-tensorrt`` if usable, else
@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -108,13 +107,15 @@ def open_backend(path: str | os.PathLike, *, device: str = "auto", backend: str 
     if backend is not None and backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}, or leave it out")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise BackendError(f"threads must be a positive integer, got {threads!r}", hint="leave it out to use every core")
+        raise BackendError(f"threads must be a positive integer, got {threads!r}",
+                           hint="leave it out to use every core")
 
     if is_engine_file(path):
         opened = _open_engine(path, device, backend)
     elif backend == "tensorrt":
         raise BackendError(f"{path}: backend 'tensorrt' runs tledge .engine files, this is not one",
-                           hint="pass the .engine file, or use backend='ort-tensorrt' to run the ONNX file through TensorRT")
+                           hint="pass the .engine file, or use backend='ort-tensorrt' "
+                                "to run the ONNX file through TensorRT")
     elif backend == "openvino":
         opened = _open_openvino(path, device, threads)
     else:
@@ -153,6 +154,8 @@ def _open_openvino(path: Path, device: str, threads: int | None) -> Opened:
         raise BackendError("backend 'openvino' runs on the CPU here, device='gpu' was asked for",
                            hint="use device='cpu', or backend='ort-cuda' for an NVIDIA GPU")
     meta = read_meta(path)  # onnxruntime reads the metadata; OpenVINO drops ONNX metadata_props
+    from .openvino_backend import OpenVinoBackend  # openvino is imported inside
+
     return Opened(OpenVinoBackend(path, meta, threads), meta, "requested: OpenVINO on the CPU")
 
 
@@ -236,10 +239,11 @@ def _session(ort: Any, path: Path, providers: Sequence[str], options: Sequence[d
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers), provider_options=list(options))
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers),
+                                    provider_options=list(options))
+    except Exception as e:
         raise ModelError(f"{path}: onnxruntime cannot load this model ({_first_line(e)})",
-                         hint="pass an .onnx file written by `tledge export`; re-export it if it was truncated") from None
+                         hint="pass the .onnx file `tledge export` wrote; re-export it if it is truncated") from None
 
 
 class OrtBackend(Backend):
@@ -260,7 +264,8 @@ class OrtBackend(Backend):
         self.input_shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape)
         output = next((o for o in outputs if o.name == meta.output.name), None)
         if output is None:
-            raise ModelError(f"{path}: graph has no output named {meta.output.name!r} (outputs: {[o.name for o in outputs]})",
+            names = [o.name for o in outputs]
+            raise ModelError(f"{path}: graph has no output named {meta.output.name!r} (outputs: {names})",
                              hint="the metadata belongs to another model; re-export it with `tledge export`")
         self.output_name = output.name
         self.output_shape = tuple(d if isinstance(d, int) and d > 0 else None for d in output.shape)
@@ -272,7 +277,7 @@ class OrtBackend(Backend):
             raise BackendError("this model was closed", hint="create a new Classifier")
         try:
             return session.run([self.output_name], {self.input_name: batch})[0]
-        except Exception as e:  # noqa: BLE001 - a failing run (out of memory, bad shape) is a backend error
+        except Exception as e:
             raise BackendError(f"onnxruntime failed to run the model ({_first_line(e)})",
                                hint="check the input batch size and the device's free memory") from None
 
@@ -303,78 +308,14 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
     return meta_from_session(_session(ort, path, ["CPUExecutionProvider"], [{}], threads=1, optimize=False), path)
 
 
-# --------------------------------------------------------------------------- OpenVINO
-
-
-class OpenVinoBackend(Backend):
-    """OpenVINO on the CPU. Infer requests are not thread-safe, so each run borrows one from a pool."""
-
-    name = "openvino"
-
-    def __init__(self, path: Path, meta: ModelMeta, threads: int | None):
-        try:
-            import openvino as ov
-        except ImportError:
-            raise BackendError("OpenVINO is not installed", hint="pip install openvino") from None
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        try:
-            self._compiled = ov.Core().compile_model(str(path), "CPU", config)
-        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses for bad graphs
-            raise ModelError(f"{path}: OpenVINO cannot compile this model ({_first_line(e)})",
-                             hint="use an onnxruntime backend (leave backend out)") from None
-        if len(self._compiled.inputs) != 1:
-            raise ModelError(f"{path}: the graph has {len(self._compiled.inputs)} inputs, a tledge classifier has exactly 1",
-                             hint="re-export the model with `tledge export`")
-        port_in = self._compiled.input(0)
-        port_out = next((o for o in self._compiled.outputs if meta.output.name in o.get_names()), None)
-        if port_out is None:
-            raise ModelError(f"{path}: graph has no output named {meta.output.name!r}",
-                             hint="the metadata belongs to another model; re-export it with `tledge export`")
-        self.input_name, self.output_name = port_in.get_any_name(), meta.output.name
-        self.input_dtype = np.dtype(port_in.get_element_type().to_dtype())
-        self.input_shape = _ov_shape(port_in.get_partial_shape())
-        self.output_shape = _ov_shape(port_out.get_partial_shape())
-        self.max_batch = self.fixed_batch
-        self._port_out = port_out
-        self._idle: list[Any] = []  # infer requests not in use; grows to the number of concurrent callers
-        self._lock = threading.Lock()
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        with self._lock:
-            if self._compiled is None:
-                raise BackendError("this model was closed", hint="create a new Classifier")
-            request = self._idle.pop() if self._idle else self._compiled.create_infer_request()
-        try:
-            # share_outputs=False: the result must outlive the request, which the next caller reuses.
-            return request.infer({0: batch}, share_outputs=False)[self._port_out]
-        except Exception as e:  # noqa: BLE001
-            raise BackendError(f"OpenVINO failed to run the model ({_first_line(e)})",
-                               hint="check the input batch size") from None
-        finally:
-            with self._lock:
-                self._idle.append(request)
-
-    def close(self) -> None:
-        with self._lock:
-            self._compiled = None
-            self._idle.clear()
-
-
-def _ov_shape(partial: Any) -> Shape:
-    if partial.rank.is_dynamic:
-        return ()
-    return tuple(d.get_length() if d.is_static else None for d in partial)
-
-
 # --------------------------------------------------------------------------- checks
 
 
 def check_io(meta: ModelMeta, backend: Backend, path: str | os.PathLike) -> None:
     """Refuse a graph whose input or output contradicts its metadata (ModelError)."""
     def fail(what: str) -> None:
-        raise ModelError(f"{path}: {what}", hint="the metadata does not describe this graph; re-export it with `tledge export`")
+        raise ModelError(f"{path}: {what}",
+                         hint="the metadata does not describe this graph; re-export it with `tledge export`")
 
     spec, p = meta.input, meta.preprocess
     if backend.input_name != spec.name:
@@ -429,7 +370,7 @@ def available_backends() -> list[BackendInfo]:
     """Each backend and whether it can run here, with the reason or the install command."""
     infos = []
     gpus = cuda_device_count()
-    gpu_note = "no CUDA GPU visible" if gpus == 0 else ("GPU unknown (cuda-python absent)" if gpus is None else f"{gpus} CUDA GPU(s)")
+    gpu_note = {0: "no CUDA GPU visible", None: "GPU unknown (cuda-python absent)"}.get(gpus, f"{gpus} CUDA GPU(s)")
     try:
         ort = _import_onnxruntime()
         providers = set(ort.get_available_providers())
@@ -446,7 +387,8 @@ def available_backends() -> list[BackendInfo]:
         infos.append(BackendInfo("tensorrt", False, "TensorRT not installed: pip install tensorrt cuda-python "
                                                     "(on Jetson: the TensorRT that JetPack ships)"))
     elif gpus is None:
-        infos.append(BackendInfo("tensorrt", False, f"{trt} {_version(trt)} present, cuda-python missing: pip install cuda-python"))
+        infos.append(BackendInfo("tensorrt", False,
+                                 f"{trt} {_version(trt)} present, cuda-python missing: pip install cuda-python"))
     else:
         infos.append(BackendInfo("tensorrt", gpus > 0, f"{trt} {_version(trt)}, {gpu_note}"))
     if importlib.util.find_spec("openvino"):

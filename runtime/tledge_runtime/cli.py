@@ -75,8 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help=".onnx or .engine file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
-    p.add_argument("--max-bytes", type=_positive_int, default=10 << 20, help="largest image upload in bytes (default: 10 MiB)")
-    p.add_argument("--max-queue", type=_positive_int, default=64, help="requests in flight before answering 503 (default: 64)")
+    p.add_argument("--max-bytes", type=_positive_int, default=10 << 20,
+                   help="largest image upload in bytes (default: 10 MiB)")
+    p.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="requests in flight before answering 503 (default: 64)")
     p.add_argument("--max-batch", type=_positive_int, default=8, help="images per model run under load (default: 8)")
     p.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes in each answer (default: 5)")
     _add_model_options(p)
@@ -87,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     from .backends import BACKENDS
 
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu", "cuda"), help="where to run (default: auto)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu", "cuda"),
+                   help="where to run (default: auto)")
     p.add_argument("--backend", default=None, choices=BACKENDS, help="force a backend (default: chosen by --device)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads per inference (default: all cores)")
 
@@ -155,9 +158,9 @@ def _info(args: argparse.Namespace) -> int:
     order = ("tensorrt",) if fmt == "tensorrt-engine" else ("ort-tensorrt", "ort-cuda", "ort-cpu")
     auto = next((name for name in order if name in usable), None)
     if args.json:
+        listed = [{"name": b.name, "available": b.available, "detail": b.detail} for b in backends]
         print(json.dumps({"file": str(args.model), "format": fmt, "meta": meta.to_dict(), "auto_backend": auto,
-                          "backends": [{"name": b.name, "available": b.available, "detail": b.detail} for b in backends]},
-                         indent=2))
+                          "backends": listed}, indent=2))
         return 0
     p, spec = meta.preprocess, meta.input
     rows = [
@@ -166,8 +169,8 @@ def _info(args: argparse.Namespace) -> int:
         ("labels", f"{meta.num_classes}: " + ", ".join(meta.labels[:20]) + (" ..." if meta.num_classes > 20 else "")),
         ("input", f"{spec.name} {spec.layout} {spec.dtype}, batch {spec.batch or 'dynamic'}, {p.height}x{p.width}"
                   + (", preprocessing baked in" if spec.baked_preprocess else "")),
-        ("resize", f"{p.resize}" + (f" (crop ratio {p.crop_ratio:g}, shorter side {p.resize_size})" if p.resize == "crop" else "")
-                   + f", {p.interpolation}"),
+        ("resize", p.resize + (f" (crop ratio {p.crop_ratio:g}, shorter side {p.resize_size})"
+                               if p.resize == "crop" else "") + f", {p.interpolation}"),
         ("normalize", f"mean {list(p.mean)}, std {list(p.std)}, scale {p.scale:.6g}, {p.channel_order}"),
         ("output", f"{meta.output.name} ({meta.output.kind})"),
         ("precision", meta.precision + (f", {meta.quantization.target} int8 ({meta.quantization.method}, "

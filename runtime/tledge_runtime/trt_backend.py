@@ -69,7 +69,8 @@ class TensorRTBackend(Backend):
         if err != cudart.cudaError_t.cudaSuccess or not count:
             why = _err_name(err) if err != cudart.cudaError_t.cudaSuccess else "the driver reports no devices"
             raise BackendError(f"{path}: no CUDA GPU is usable here ({why})",
-                               hint="run TensorRT engines on a machine with an NVIDIA GPU and driver; on a CPU use the .onnx export")
+                               hint="run TensorRT engines on a machine with an NVIDIA GPU and driver; "
+                                    "on a CPU use the .onnx export")
         self._lock = threading.Lock()
         self._buffers: list[int] = []
         self._stream = None
@@ -77,7 +78,8 @@ class TensorRTBackend(Backend):
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            raise BackendError(f"{path}: TensorRT ({trt.__name__} {getattr(trt, '__version__', '?')}) cannot load this engine",
+            version = getattr(trt, "__version__", "?")
+            raise BackendError(f"{path}: TensorRT ({trt.__name__} {version}) cannot load this engine",
                                hint="engines only run on the TensorRT version and GPU they were built with; "
                                     "rebuild it on this device with `tledge export --engine`")
         self._context = self._engine.create_execution_context()
@@ -138,7 +140,8 @@ class TensorRTBackend(Backend):
             out = np.empty(tuple(self._context.get_tensor_shape(self.output_name)), dtype=self._output_dtype)
             d_in, d_out = self._buffers
             h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            _call(cudart, cudart.cudaMemcpyAsync(d_in, host_in.ctypes.data, host_in.nbytes, h2d, self._stream), "copy in")
+            _call(cudart, cudart.cudaMemcpyAsync(d_in, host_in.ctypes.data, host_in.nbytes, h2d, self._stream),
+                  "copy in")
             if not self._context.execute_async_v3(int(self._stream)):
                 raise BackendError("TensorRT failed to run the engine", hint="see TensorRT's log above")
             _call(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, d2h, self._stream), "copy out")

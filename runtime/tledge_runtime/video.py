@@ -62,7 +62,8 @@ def read_frames(source: Union[str, os.PathLike, int]) -> Iterator[np.ndarray]:
         import cv2
     except ImportError:
         raise ImageError("reading video needs OpenCV, which is not installed",
-                         hint="pip install opencv-python-headless, or pass an iterator of frames", kind="unreadable") from None
+                         hint="pip install opencv-python-headless, or pass an iterator of frames",
+                         kind="unreadable") from None
     if isinstance(source, (str, os.PathLike)) and "://" not in str(source):
         path = Path(source)
         if not path.is_file():
@@ -92,7 +93,8 @@ def classify_frames(classifier: Classifier, source: VideoSource, *, batch_size: 
     ``batch_size``: frames sent to the model together. ``smoothing``: see :class:`ScoreSmoother`.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TledgeError(f"batch_size must be a positive integer, got {batch_size!r}", hint="use 1 for the lowest latency")
+        raise TledgeError(f"batch_size must be a positive integer, got {batch_size!r}",
+                          hint="use 1 for the lowest latency")
     smoother = ScoreSmoother(smoothing)
     if isinstance(source, (str, os.PathLike, int)):
         frames: Iterator[Any] = read_frames(source)

@@ -15,7 +15,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from runtime_testkit import LABELS, colour_image, write_model  # noqa: E402
+from runtime_testkit import LABELS, colour_image, write_model
+
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:

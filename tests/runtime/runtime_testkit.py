@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
 from tledge_runtime.meta import ONNX_KEY, InputSpec, ModelMeta, OutputSpec, Preprocess, Provenance
 
 LABELS = ("red", "green", "blue")
@@ -80,7 +79,8 @@ def build_graph(variant: str = "fp32", *, size: int = SIZE, classes: int = 3, ch
     nodes += [helper.make_node("GlobalAveragePool", [pooled_in], ["pooled"]),
               helper.make_node("Flatten", ["pooled"], ["flat"])]
     if probabilities:
-        nodes += [helper.make_node("Gemm", ["flat", "W", "B"], ["z"]), helper.make_node("Softmax", ["z"], ["logits"], axis=1)]
+        nodes += [helper.make_node("Gemm", ["flat", "W", "B"], ["z"]),
+                  helper.make_node("Softmax", ["z"], ["logits"], axis=1)]
     else:
         nodes.append(helper.make_node("Gemm", ["flat", "W", "B"], ["logits"]))
     y = helper.make_tensor_value_info("logits", tdt, [n, classes])

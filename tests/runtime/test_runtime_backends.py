@@ -7,7 +7,6 @@ import importlib.util
 import numpy as np
 import onnxruntime
 import pytest
-
 from tledge_runtime import Classifier
 from tledge_runtime.backends import BACKENDS, available_backends, cuda_device_count, open_backend
 

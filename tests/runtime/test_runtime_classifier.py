@@ -6,9 +6,8 @@ import threading
 
 import numpy as np
 import pytest
-from runtime_testkit import LABELS, SIZE, colour_image
 from PIL import Image
-
+from runtime_testkit import LABELS, SIZE, colour_image
 from tledge_runtime import Classifier, Prediction
 from tledge_runtime.errors import BackendError, ImageError, TledgeError
 
@@ -178,13 +177,14 @@ def test_concurrent_predictions_match_serial_ones(models, backend):
                     j = (t * 7 + i) % len(frames)
                     if i % 10 == 0:  # mix in batches: they share the same session
                         got = clf.scores_batch([frames[j], frames[(j + 1) % len(frames)]])
-                        ok = np.array_equal(got[0], expected[j]) and np.array_equal(got[1], expected[(j + 1) % len(frames)])
+                        nxt = (j + 1) % len(frames)
+                        ok = np.array_equal(got[0], expected[j]) and np.array_equal(got[1], expected[nxt])
                     else:
                         ok = np.array_equal(clf.scores(frames[j]), expected[j])
                     if not ok:
                         failures.append(f"thread {t} item {i}")
                     done += 1
-            except Exception as e:  # noqa: BLE001 - reported below with the thread number
+            except Exception as e:
                 failures.append(f"thread {t}: {e!r}")
             results[t] = done
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 from runtime_testkit import LABELS, make_meta
-
 from tledge_runtime.cli import main
 from tledge_runtime.engine_file import write_engine
 
@@ -105,7 +104,8 @@ def test_info_json_for_onnx_and_engine_files(models, tmp_path, capsys):
 def test_console_script_has_no_traceback_on_errors(tmp_path):
     exe = shutil.which("tledge-runtime")
     argv = [exe] if exe else [sys.executable, "-m", "tledge_runtime.cli"]
-    proc = subprocess.run([*argv, "predict", str(tmp_path / "x.onnx"), "y.png"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*argv, "predict", str(tmp_path / "x.onnx"), "y.png"],
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: {tmp_path / 'x.onnx'}: no such model file (check the path)"

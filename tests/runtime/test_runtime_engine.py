@@ -13,7 +13,6 @@ import struct
 import numpy as np
 import pytest
 from runtime_testkit import LABELS, build_engine_plan, make_meta
-
 from tledge_runtime import Classifier
 from tledge_runtime.backends import cuda_device_count, read_meta
 from tledge_runtime.engine_file import MAGIC, is_engine_file, read_engine, write_engine
@@ -66,7 +65,8 @@ def test_engine_with_newer_schema_is_refused(tmp_path):
 
 def test_engine_cannot_run_on_cpu_or_onnxruntime(tmp_path):
     path = write_engine(tmp_path / "m.engine", make_meta(), b"plan")
-    for kwargs, expected in (({"device": "cpu"}, "needs an NVIDIA GPU"), ({"backend": "ort-cpu"}, "only on backend 'tensorrt'"),
+    for kwargs, expected in (({"device": "cpu"}, "needs an NVIDIA GPU"),
+                             ({"backend": "ort-cpu"}, "only on backend 'tensorrt'"),
                              ({"backend": "openvino"}, "only on backend 'tensorrt'")):
         with pytest.raises(BackendError) as e:
             Classifier(path, **kwargs)

@@ -10,7 +10,6 @@ import textwrap
 import numpy as np
 import pytest
 from runtime_testkit import build_graph, colour_image, make_meta, meta_dict, write_model
-
 from tledge_runtime import Classifier
 from tledge_runtime.backends import read_meta
 from tledge_runtime.errors import BackendError, ImageError, MetadataError, ModelError, TledgeError
@@ -116,7 +115,8 @@ def test_newer_schema_version_is_refused_with_an_upgrade_hint(tmp_path):
     ({"input_name": "pixels"}, {}, "named 'pixels'"),
 ])
 def test_graph_that_contradicts_its_metadata_is_refused(tmp_path, graph_kwargs, meta_kwargs, expected):
-    path = write_model(tmp_path / "mismatch.onnx", graph=build_graph("fp32", **graph_kwargs), meta=make_meta(**meta_kwargs))
+    graph, meta = build_graph("fp32", **graph_kwargs), make_meta(**meta_kwargs)
+    path = write_model(tmp_path / "mismatch.onnx", graph=graph, meta=meta)
     err = _raises(ModelError, Classifier, path, match=expected)
     assert "re-export" in err.hint
 

@@ -45,7 +45,8 @@ def test_import_is_lazy():
     out = _run("""
         import json, sys
         import tledge_runtime
-        print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("onnxruntime", "numpy", "PIL", "openvino"))))
+        heavy = ("onnxruntime", "numpy", "PIL", "openvino")
+        print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
     """)
     assert out == []
 

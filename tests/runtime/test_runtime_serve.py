@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-
 from tledge_runtime.errors import TledgeError
 from tledge_runtime.serve import PredictionServer, ServeConfig
 
