@@ -173,11 +173,25 @@ def _import_onnxruntime() -> Any:
 
 def _open_onnxruntime(path: Path, device: str, backend: str | None, threads: int | None) -> Opened:
     ort = _import_onnxruntime()
-    providers, reason = _choose_providers(ort, device, backend)
-    session = _session(ort, path, [p for p, _ in providers], [o for _, o in providers], threads=threads)
-    meta = meta_from_session(session, path)
-    used = session.get_providers()[0]
-    wanted = providers[0][0]
+    chain, reason = _choose_providers(ort, device, backend)
+    meta = None
+    if "ort-tensorrt" in chain:
+        # TensorRT's builder flags depend on the model's precision: read the metadata first
+        # (a plain CPU load, small next to the engine build that follows).
+        meta = read_meta(path)
+        quant = meta.quantization
+        if quant is not None and quant.target != "tensorrt":
+            if backend == "ort-tensorrt":
+                raise BackendError(f"{path}: this int8 model is quantized for the CPU ({quant.activation_type} "
+                                   "activations); TensorRT takes only symmetric int8",
+                                   hint="use the TensorRT flavour of the int8 export, or backend='ort-cuda'")
+            chain = [n for n in chain if n != "ort-tensorrt"]
+            reason += "; TensorRT EP skipped: this int8 model is quantized for the CPU"
+    providers = [_ORT_PROVIDER[n] for n in chain]
+    session = _session(ort, path, providers, [_provider_options(n, meta) for n in chain], threads=threads)
+    if meta is None:
+        meta = meta_from_session(session, path)
+    used, wanted = session.get_providers()[0], providers[0]
     if used != wanted:
         # ORT falls back (TensorRT -> CUDA -> CPU) when a provider cannot start: no driver, no GPU, missing libraries.
         if backend is not None or (device == "gpu" and used == "CPUExecutionProvider"):
@@ -187,11 +201,10 @@ def _open_onnxruntime(path: Path, device: str, backend: str | None, threads: int
     return Opened(OrtBackend(session, meta, path), meta, reason)
 
 
-def _choose_providers(ort: Any, device: str, backend: str | None) -> tuple[list[tuple[str, dict]], str]:
-    """Execution providers in priority order (with their options), and why."""
+def _choose_providers(ort: Any, device: str, backend: str | None) -> tuple[list[str], str]:
+    """The ORT backends to try, best first (always ending with ort-cpu), and why."""
     available = set(ort.get_available_providers())
     gpu = [name for name in ("ort-tensorrt", "ort-cuda") if _ORT_PROVIDER[name] in available]
-    cpu = [("CPUExecutionProvider", {})]
     if backend in ("ort-tensorrt", "ort-cuda"):
         if backend not in gpu:
             raise BackendError(f"backend {backend!r}: this onnxruntime has no {_ORT_PROVIDER[backend]}",
@@ -199,34 +212,40 @@ def _choose_providers(ort: Any, device: str, backend: str | None) -> tuple[list[
         if device == "cpu":
             raise BackendError(f"backend {backend!r} runs on a GPU, device='cpu' was asked for",
                                hint="use backend='ort-cpu' or leave backend out")
-        # TensorRT EP hands nodes it cannot take to CUDA, then CPU (ONNX Runtime's documented chain).
-        chain = gpu[gpu.index(backend):]
-        return [(_ORT_PROVIDER[n], _provider_options(n)) for n in chain] + cpu, f"requested: {backend}"
+        # TensorRT EP hands the nodes it cannot take to CUDA, then CPU (ONNX Runtime's documented chain).
+        return gpu[gpu.index(backend):] + ["ort-cpu"], f"requested: {backend}"
     if backend == "ort-cpu" or device == "cpu":
         if device == "gpu":
             raise BackendError("backend 'ort-cpu' runs on the CPU, device='gpu' was asked for",
                                hint="use backend='ort-cuda' or leave backend out")
-        return cpu, "requested: CPU"
+        return ["ort-cpu"], "requested: CPU"
     if not gpu:
         if device == "gpu":
             raise BackendError("device='gpu': this onnxruntime has no CUDA or TensorRT execution provider",
                                hint=_PIP_GPU_HINT)
-        return cpu, "auto: this onnxruntime has no GPU provider; install onnxruntime-gpu for NVIDIA GPUs"
+        return ["ort-cpu"], "auto: this onnxruntime has no GPU provider; install onnxruntime-gpu for NVIDIA GPUs"
     if device == "auto" and cuda_device_count() == 0:
-        return cpu, "auto: onnxruntime-gpu is installed but no CUDA GPU is visible"
-    chain = [(_ORT_PROVIDER[n], _provider_options(n)) for n in gpu] + cpu
-    return chain, f"{'auto' if device == 'auto' else 'device=gpu'}: fastest provider present is {_ORT_PROVIDER[gpu[0]]}"
+        return ["ort-cpu"], "auto: onnxruntime-gpu is installed but no CUDA GPU is visible"
+    who = "auto" if device == "auto" else "device=gpu"
+    return gpu + ["ort-cpu"], f"{who}: fastest provider present is {_ORT_PROVIDER[gpu[0]]}"
 
 
-def _provider_options(name: str) -> dict:
+def _provider_options(name: str, meta: ModelMeta | None) -> dict:
     if name != "ort-tensorrt":
         return {}
     # TensorRT EP builds an engine on first load (tens of seconds for a ResNet on Jetson);
     # the engine and timing caches make every later start take a fraction of that.
     cache = Path(os.environ.get("TLEDGE_CACHE", Path.home() / ".cache" / "tledge")) / "ort-tensorrt"
     cache.mkdir(parents=True, exist_ok=True)
-    return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+    options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+    # TensorRT refuses fp16 or Q/DQ int8 layers unless the matching builder flag is set. fp32 models get
+    # neither, so TensorRT never lowers precision behind the verified model's back.
+    if meta is not None and meta.precision == "fp16":
+        options["trt_fp16_enable"] = True
+    if meta is not None and meta.precision == "int8":
+        options["trt_int8_enable"] = True  # explicit Q/DQ scales: no calibration table
+    return options
 
 
 def _session(ort: Any, path: Path, providers: Sequence[str], options: Sequence[dict], *,

@@ -149,3 +149,41 @@ def build_engine_plan(onnx_path: Path, *, max_batch: int = 8, size: int = SIZE) 
     if plan is None:
         raise RuntimeError("TensorRT failed to build the test engine")
     return bytes(plan)
+
+
+def write_int8_model(path: Path, fp32_path: Path, *, target: str = "cpu") -> Path:
+    """Quantize a test graph with onnxruntime's static QDQ quantizer, calibrated on colour images.
+
+    ``target="cpu"``: u8 activations / s8 weights (fast on x86 and ARM CPUs);
+    ``"tensorrt"``: symmetric s8 activations and weights, as TensorRT requires.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from tledge_runtime.meta import Quantization
+    from tledge_runtime.preprocess import Normalizer, to_uint8_hwc
+
+    p = make_meta().preprocess
+    batches = [Normalizer(p)(to_uint8_hwc(colour_image(name, seed=200 + i), p)[None])
+               for i, name in enumerate(LABELS * 4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter({"input": b} for b in batches)
+
+        def get_next(self):  # noqa: ANN202 - onnxruntime's interface
+            return next(self._it, None)
+
+    model = onnx.load(str(fp32_path))
+    del model.metadata_props[:]
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "plain.onnx"
+        onnx.save(model, str(plain))
+        activation = QuantType.QUInt8 if target == "cpu" else QuantType.QInt8
+        quantize_static(str(plain), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=False,
+                        activation_type=activation, weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": target == "tensorrt", "WeightSymmetric": True})
+    quant = Quantization(target=target, method="minmax", calibration_images=len(batches),
+                         activation_type="uint8" if target == "cpu" else "int8", per_channel=False)
+    meta = make_meta().with_(precision="int8", quantization=quant)
+    return write_model(path, graph=onnx.load(str(path)), meta=meta)

@@ -9,6 +9,7 @@ import onnxruntime
 import pytest
 from tledge_runtime import Classifier
 from tledge_runtime.backends import BACKENDS, available_backends, cuda_device_count, open_backend
+from tledge_runtime.errors import BackendError
 
 PROVIDERS = set(onnxruntime.get_available_providers())
 HAVE_GPU = bool(cuda_device_count())
@@ -81,3 +82,45 @@ def test_tensorrt_execution_provider_agrees_with_cpu_and_caches_engines(models, 
         assert trt.backend_name == "ort-tensorrt"
         np.testing.assert_allclose(trt.scores_batch(files), cpu.scores_batch(files), atol=2e-3)
     assert any((tmp_path / "ort-tensorrt").iterdir()), "no TensorRT engine cache written"
+
+
+@pytest.fixture(scope="module")
+def int8_models(models, tmp_path_factory):
+    from runtime_testkit import write_int8_model
+
+    d = tmp_path_factory.mktemp("int8")
+    return {target: write_int8_model(d / f"int8_{target}.onnx", models["fp32"], target=target)
+            for target in ("cpu", "tensorrt")}
+
+
+@pytest.mark.parametrize("target", ["cpu", "tensorrt"])
+def test_int8_qdq_models_run_on_the_cpu_and_agree_with_fp32(models, int8_models, images, target):
+    files = [f for fs in images.values() for f in fs]
+    with Classifier(int8_models[target], device="cpu") as q, Classifier(models["fp32"], device="cpu") as f:
+        assert q.meta.precision == "int8" and q.meta.quantization.target == target
+        np.testing.assert_allclose(q.scores_batch(files), f.scores_batch(files), atol=0.02)
+        assert [p.label for p in q.predict_batch(files)] == [p.label for p in f.predict_batch(files)]
+
+
+@pytest.mark.gpu
+@needs_trt_ep
+def test_cpu_flavoured_int8_never_goes_to_tensorrt(int8_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLEDGE_CACHE", str(tmp_path))
+    opened = open_backend(int8_models["cpu"])
+    try:
+        assert opened.backend.name != "ort-tensorrt" and "TensorRT EP skipped" in opened.reason
+    finally:
+        opened.backend.close()
+    with pytest.raises(BackendError) as e:
+        Classifier(int8_models["cpu"], backend="ort-tensorrt")
+    assert "TensorRT flavour" in e.value.hint
+
+
+@pytest.mark.gpu
+@needs_trt_ep
+def test_tensorrt_flavoured_int8_on_the_tensorrt_ep(int8_models, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLEDGE_CACHE", str(tmp_path))
+    files = [f for fs in images.values() for f in fs]
+    with Classifier(int8_models["tensorrt"], backend="ort-tensorrt") as trt, \
+            Classifier(int8_models["tensorrt"], device="cpu") as cpu:
+        np.testing.assert_allclose(trt.scores_batch(files), cpu.scores_batch(files), atol=0.02)
