@@ -106,7 +106,7 @@ def open_backend(path: str | os.PathLike, *, device: str = "auto", backend: str 
     device = _normalize_device(device)
     if backend is not None and backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}, or leave it out")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise BackendError(f"threads must be a positive integer, got {threads!r}",
                            hint="leave it out to use every core")
 
@@ -236,7 +236,11 @@ def _provider_options(name: str, meta: ModelMeta | None) -> dict:
     # TensorRT EP builds an engine on first load (tens of seconds for a ResNet on Jetson);
     # the engine and timing caches make every later start take a fraction of that.
     cache = Path(os.environ.get("TLEDGE_CACHE", Path.home() / ".cache" / "tledge")) / "ort-tensorrt"
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackendError(f"cannot create the TensorRT engine cache {cache} ({e.strerror or e})",
+                           hint="point TLEDGE_CACHE at a writable folder") from None
     options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
     # TensorRT refuses fp16 or Q/DQ int8 layers unless the matching builder flag is set. fp32 models get
