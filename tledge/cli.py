@@ -23,7 +23,24 @@ _HELP = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
 class _Group(click.Group):
-    """Click group that turns tledge's own errors into `Error: <message> (<hint>)`, exit status 1."""
+    """Click group that turns tledge's own errors into `Error: <message> (<hint>)`, exit status 1,
+    and prints usage errors (bad option values, missing paths) as one line too, exit status 2."""
+
+    def main(self, args: Any = None, prog_name: Optional[str] = None, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(args, prog_name, **kwargs)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            command = e.ctx.command_path if e.ctx else "tledge"
+            click.echo(f"Error: {e.format_message()} (see `{command} --help`)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -140,13 +140,15 @@ def _finetune(cfg: FinetuneConfig, d: dist_utils.Dist, *, resume_ckpt: Optional[
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    splits = _splits_for(cfg, out, reuse=resume_ckpt is not None)  # bad data fails here, before any file is written
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         _log_to_file(out / "train.log")
         log.info("run folder %s (tledge %s, torch %s, device %s, %d process(es))", out, __version__,
                  torch.__version__, d.device, d.world)
-
-    splits = _splits_for(cfg, out, d, reuse=resume_ckpt is not None)
+        log.info("classes: %s; images: %s (%s split)", ", ".join(splits.classes),
+                 ", ".join(f"{k} {v}" for k, v in splits.counts().items()), splits.origin)
+        atomic_write(out / "split.json", splits.to_json().encode())
     prep = default_preprocess(cfg.arch, cfg.img_size, cfg.crop_ratio)
     train, val, test = _decode_all(cfg, splits, prep, out, d)
 
@@ -195,17 +197,12 @@ def resume(out: str | Path) -> RunResult:
 
 # --- stages ---------------------------------------------------------------------------------------
 
-def _splits_for(cfg: FinetuneConfig, out: Path, d: dist_utils.Dist, *, reuse: bool) -> Splits:
-    """The saved split of this run when resuming, else a new one, saved for the record."""
+def _splits_for(cfg: FinetuneConfig, out: Path, *, reuse: bool) -> Splits:
+    """The saved split of this run when resuming, else a new one (saved by the caller)."""
     saved = out / "split.json"
     if reuse and saved.is_file():  # a resumed run keeps its split, even if files were added to DATA since
         return Splits.from_json(saved.read_text())
-    splits = load_splits(Path(cfg.data), val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed)
-    if d.main:
-        atomic_write(saved, splits.to_json().encode())
-        log.info("classes: %s; images: %s (%s split)", ", ".join(splits.classes),
-                 ", ".join(f"{k} {v}" for k, v in splits.counts().items()), splits.origin)
-    return splits
+    return load_splits(Path(cfg.data), val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed)
 
 
 def _decode_all(cfg: FinetuneConfig, splits: Splits, prep: Preprocess, out: Path, d: dist_utils.Dist
@@ -363,7 +360,7 @@ def _end_epoch(cfg, d, out, splits, prep, model, opt, state: _State, shuffle_gen
     if improved:
         state.best_acc, state.best_epoch = val_acc, state.epoch
     state.history.append({"epoch": state.epoch, "phase": phase, "train_loss": stats.loss, "train_acc": stats.acc,
-                          "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "images_per_s": stats.images_per_s,
+                          "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "images": stats.images, "images_per_s": stats.images_per_s,
                           "seconds": stats.seconds})
     augment_states = _gather_gen_states(d, aug_gen)
     if d.main:

@@ -16,7 +16,7 @@ from tledge.data import Splits, list_images, load_splits, stratified_split
 from tledge.errors import DataError
 from tledge.imagecache import decode_images, require_every_class, summarize_skipped
 
-from .conftest import COLOURS, make_dataset, write_images
+from ..datasets import COLOURS, make_dataset, write_images
 
 
 def test_folder_layout_is_split_stratified_and_seeded(tmp_path):

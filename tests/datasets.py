@@ -1,4 +1,4 @@
-"""Fixtures for the training side: tiny real image folders and one shared tiny run."""
+"""Tiny real image folders for every test area, and one shared tiny fine-tuning run (fixture in conftest.py)."""
 
 from __future__ import annotations
 
@@ -39,16 +39,10 @@ def make_dataset(root: Path, *, per_class: int = 14, layout: str = "folder", cla
     return root
 
 
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    return make_dataset(tmp_path / "data")
-
-
 TINY = dict(arch="efficientnet_lite0", img_size=32, epochs=4, freeze_epochs=2, batch_size=16, workers=2, seed=0)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+def tiny_run_fixture(tmp_path_factory: pytest.TempPathFactory):
     """One real fine-tuning run (ImageNet EfficientNet-Lite0, 32 px), shared by the tests that only read it."""
     from tledge.finetune import FinetuneConfig, finetune
 
