@@ -74,7 +74,7 @@ def test_evaluate_text_json_and_plot(tiny_run, tmp_path):
     assert "confusion matrix" in result.output and "precision" in result.output
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
     result = run("evaluate", str(tiny_run.best), str(data), "--json")
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["images"] == 15 and report["accuracy"] >= 0.9
     assert set(report["per_class"]) == {"red", "green", "blue"}
     assert sum(map(sum, report["confusion"])) == 15
@@ -100,7 +100,7 @@ def test_finetune_cli_json(tmp_path):
     result = run("finetune", str(data), "--out", str(tmp_path / "run"), "--img-size", "32", "--epochs", "2",
                  "--freeze-epochs", "2", "--json", "--workers", "1")
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output[result.output.index("{"):])
+    metrics = json.loads(result.stdout)
     assert metrics["arch"] == "efficientnet_lite0" and metrics["epochs_run"] == 2
     assert (tmp_path / "run" / "best.pt").is_file()
 
