@@ -213,5 +213,9 @@ def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int
         click.echo(f"wrote {result.plot}")
 
 
+from .cli_benchmark import benchmark as _benchmark  # noqa: E402  (registered after main is defined)
+
+main.add_command(_benchmark)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -67,3 +67,38 @@ def _save(fig: Any, path: Path) -> Path:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_pareto(rows: Sequence[Any], path: Path, title: str = "accuracy vs latency (batch 1)") -> Path:
+    """Accuracy against p50 latency, one labelled point per format/backend, the Pareto front drawn.
+
+    A point is on the front when no other point is both faster and at least as accurate.
+    """
+    plt = _pyplot()
+    pts = [r for r in rows if r.p50_ms is not None and r.accuracy is not None]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in pts:
+        colour = {"ok": "tab:blue", "over budget": "tab:red"}.get(r.status, "tab:gray")
+        ax.scatter(r.p50_ms, 100 * r.accuracy, color=colour, s=40, zorder=3)
+        ax.annotate(f"{r.name}\n{r.backend}", (r.p50_ms, 100 * r.accuracy), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    front, best = [], -1.0
+    for r in sorted(pts, key=lambda r: (r.p50_ms, -r.accuracy)):
+        if r.accuracy > best:
+            front.append(r)
+            best = r.accuracy
+    if len(front) > 1:
+        ax.step([r.p50_ms for r in front], [100 * r.accuracy for r in front], where="post", color="tab:green",
+                alpha=0.6, label="Pareto front")
+        ax.legend(loc="lower right")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))  # 2, 5, 10 ms rather than 2x10^0
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("p50 latency, ms (log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return _save(fig, path)
