@@ -216,6 +216,8 @@ def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int
 from .cli_benchmark import benchmark as _benchmark  # noqa: E402  (registered after main is defined)
 
 main.add_command(_benchmark)
+from .cli_export import export as _export  # noqa: E402  (registered after main is defined)
+main.add_command(_export)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

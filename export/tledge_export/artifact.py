@@ -1,0 +1,133 @@
+"""The exported files themselves: names, embedded metadata, validity checks and atomic writes.
+
+Every ONNX file carries its :class:`~tledge_runtime.meta.ModelMeta` as JSON in
+``metadata_props[ONNX_KEY]``, the same document an engine file carries in its header, so
+the runtime needs the file and nothing else. Files are written with
+:func:`tledge_runtime.fileio.atomic_write`: a crash mid-export leaves the previous file or
+the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnx
+from tledge_runtime.fileio import atomic_write
+from tledge_runtime.meta import ONNX_KEY, ModelMeta
+
+from . import __version__
+from .errors import ExportError
+
+log = logging.getLogger(__name__)
+
+# File name of each format inside the export folder (`tledge benchmark` looks for the first three).
+FILE_NAMES = {
+    "fp32": "model.onnx",
+    "fp16": "model.fp16.onnx",
+    "int8": "model.int8.onnx",  # CPU flavour: u8 activations, s8 per-channel weights
+    "int8-trt": "model.int8-trt.onnx",  # TensorRT flavour: symmetric s8
+}
+REPORT_NAME = "report.json"
+
+
+def engine_name(onnx_format: str, flavour: str) -> str:
+    """``model.fp16.engine`` (TensorRT) or ``model.fp16.rtx.engine`` (TensorRT for RTX)."""
+    precision = onnx_format.split("-")[0]
+    return f"model.{precision}.rtx.engine" if flavour == "tensorrt-rtx" else f"model.{precision}.engine"
+
+
+def embed_meta(model: onnx.ModelProto, meta: ModelMeta) -> onnx.ModelProto:
+    """Put ``meta`` into ``model.metadata_props`` (replacing an older tledge entry) and stamp the producer."""
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key != ONNX_KEY]
+    del model.metadata_props[:]
+    for key, value in keep + [(ONNX_KEY, meta.to_json())]:
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "tledge-export"
+    model.producer_version = __version__
+    return model
+
+
+def read_meta(model: onnx.ModelProto | str | Path) -> ModelMeta:
+    """The tledge metadata of an ONNX model (a proto or a file)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if ONNX_KEY not in props:
+        raise ExportError("the ONNX model carries no tledge metadata", hint="export it with `tledge export`")
+    return ModelMeta.from_json(props[ONNX_KEY])
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset the graph is written against."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def prune_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop opset imports of domains no node uses.
+
+    ONNX Runtime's quantization pre-processing saves its optimized graph with every
+    domain ORT knows (com.microsoft, nchwc, ...); other consumers need not see them.
+    """
+    used = {n.domain for n in model.graph.node} | {""}
+    keep = [(o.domain, o.version) for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
+    del model.opset_import[:]
+    for domain, version in keep:
+        model.opset_import.add(domain=domain, version=version)
+    return model
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique name: quantization excludes nodes by name, reports list them by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return model
+
+
+def check(model: onnx.ModelProto, what: str) -> None:
+    """``onnx.checker`` with ``full_check`` (strict shape inference too); an invalid graph is an ExportError."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"the {what} ONNX graph fails onnx.checker: {first}",
+                          hint="report this with the model architecture; try another --opset") from None
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, readable like any file the user creates.
+
+    :func:`~tledge_runtime.fileio.atomic_write` creates its temporary file with mode 0600
+    (``mkstemp``); a model must be readable by the server or container user that runs it,
+    so the file gets the mode the user's umask gives new files.
+    """
+    atomic_write(path, data)
+    publish(path)
+    return Path(path)
+
+
+def publish(path: Path) -> None:
+    """Give ``path`` the permissions of a normally created file (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
+    """Serialize ``model`` to ``path`` atomically (nothing half-written survives a crash)."""
+    data = model.SerializeToString()
+    write_file(path, data)
+    log.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
+    return path
+
+
+def remove_stale(path: Path) -> None:
+    """Remove a file an earlier export left under the name of a format that failed now,
+    so the folder never shows an old model next to a report that says this one failed."""
+    if path.exists():
+        path.unlink()
+        log.warning("removed %s from an earlier export: this export of that format failed", path)

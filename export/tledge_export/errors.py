@@ -1,0 +1,44 @@
+"""Export errors. All are :class:`tledge_runtime.errors.TledgeError` subclasses with a hint, so
+`tledge export` prints them as one line and exits non-zero (see :mod:`tledge.cli`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from tledge_runtime.errors import TledgeError
+
+
+class ExportError(TledgeError):
+    """An export cannot be made as asked: bad options, a model the exporter cannot trace, a broken graph."""
+
+
+class EngineError(ExportError):
+    """A TensorRT engine cannot be built here: no TensorRT, no GPU, or the parser/builder refused the graph."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One exported format that is not a success, with the numbers that say why and what to try."""
+
+    format: str
+    status: str  # "over_budget" | "unavailable" | "failed"
+    message: str  # the numbers, e.g. "accuracy drop 6.67 points > budget 1.00 (...)"
+    hint: str = ""
+
+
+class ExportFailed(ExportError):
+    """Some formats were not written as successes (over budget, or a format unavailable here).
+
+    Like Optimum's ``AtolError`` it lists each failing format with its numbers; the
+    hint says what to try for each. Every format that passed was still written.
+    """
+
+    def __init__(self, failures: Sequence[Failure]):
+        self.failures = tuple(failures)
+        message = "; ".join(f"{f.format}: {f.message}" for f in self.failures)
+        hints = []
+        for f in self.failures:
+            if f.hint and f.hint not in hints:
+                hints.append(f.hint)
+        super().__init__(message, hint="; ".join(hints) or None)

@@ -1,0 +1,153 @@
+"""TensorRT engines from the exported ONNX, and the parse/build check TensorRT for RTX allows on a CPU.
+
+Engines are built from the fp16 ONNX and from the TensorRT-flavour int8 QDQ ONNX as
+*strongly typed* networks: every tensor keeps the type the ONNX graph gives it, which is
+how TensorRT 10+ builds explicit-precision models (TensorRT 11 has no implicit fp16/int8
+builder flags at all). A dynamic batch axis gets one optimization profile
+``(1, opt, max_batch)``; a fixed batch needs none. Full TensorRT reads and updates a timing
+cache file, so a rebuild skips kernel timing it has done before.
+
+Which TensorRT: ``tensorrt`` (data-centre GPUs, Jetson; engines named ``*.engine``), else
+TensorRT for RTX's ``tensorrt_rtx_bindings`` (RTX GPUs; ``*.rtx.engine``). TensorRT for RTX
+has no timing cache (its builder compiles ahead of time and specializes on the device
+at load), and can build without a GPU for a named compute capability, which is what
+:func:`check_onnx` uses to prove a graph parses and builds on a CPU-only machine. An
+engine is written only after it ran on a GPU and passed verification.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from tledge_runtime.fileio import atomic_write
+
+from .errors import EngineError
+
+log = logging.getLogger(__name__)
+
+OPT_BATCH = 8  # the batch TensorRT tunes kernels for: a camera gateway or a dynamic batcher's typical load
+CHECK_COMPUTE_CAPABILITY = "SM86"  # target of the CPU-only build check (any supported one proves the graph builds)
+
+
+@dataclass(frozen=True)
+class TensorRT:
+    """An importable TensorRT: the module and which flavour it is."""
+
+    module: Any
+    flavour: str  # "tensorrt" | "tensorrt-rtx"
+
+    @property
+    def version(self) -> str:
+        return str(getattr(self.module, "__version__", "?"))
+
+    def describe(self) -> str:
+        return f"{'TensorRT' if self.flavour == 'tensorrt' else 'TensorRT for RTX'} {self.version}"
+
+
+def find_tensorrt() -> Optional[TensorRT]:
+    """The TensorRT installed here, full TensorRT first; None when neither imports."""
+    try:
+        import tensorrt
+
+        return TensorRT(tensorrt, "tensorrt")
+    except ImportError:
+        pass
+    try:
+        import tensorrt_rtx_bindings
+
+        return TensorRT(tensorrt_rtx_bindings, "tensorrt-rtx")
+    except ImportError:
+        return None
+
+
+def gpu_count() -> int:
+    """CUDA GPUs visible here (cuda-python when installed, else torch)."""
+    from tledge_runtime.backends import cuda_device_count
+
+    count = cuda_device_count()
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return int(count)
+
+
+def build_plan(onnx_bytes: bytes, trt: TensorRT, *, input_name: str, sample_shape: tuple[int, ...],
+               batch: Optional[int] = None, max_batch: int = 32, timing_cache: Optional[Path] = None,
+               compute_capability: Optional[str] = None, tf32: bool = True) -> bytes:
+    """Parse ``onnx_bytes`` into a strongly typed network and build a serialized engine (plan).
+
+    ``sample_shape``: the input without its batch axis; ``batch``: fixed batch, or None for a
+    profile over 1..``max_batch``; ``compute_capability`` (TensorRT for RTX only): build ahead of
+    time for that GPU architecture (e.g. ``"SM86"``) instead of the GPU present. ``tf32=False``
+    keeps float32 layers in true float32 (TensorRT uses TF32 on Ampere+ by default, ~1e-3
+    relative error: fine for fp16/int8 engines, not for an fp32 engine held to 1e-4).
+    """
+    t = trt.module
+    if not hasattr(t.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        raise EngineError(f"{trt.describe()} cannot build strongly typed networks",
+                          hint="install TensorRT 10 or newer (pip install tensorrt, or JetPack 6 on Jetson)")
+    logger = t.Logger(t.Logger.WARNING)
+    builder = t.Builder(logger)
+    network = builder.create_network(1 << int(t.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = t.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = [str(parser.get_error(i)).strip().splitlines()[0] for i in range(parser.num_errors)]
+        raise EngineError(f"{trt.describe()}'s ONNX parser rejected the graph: {'; '.join(errors) or 'no reason given'}",
+                          hint="export the TensorRT flavour (--target tensorrt) for int8 engines; report the graph otherwise")
+    config = builder.create_builder_config()
+    if not tf32 and hasattr(t.BuilderFlag, "TF32"):
+        config.clear_flag(t.BuilderFlag.TF32)
+    if batch is None:
+        profile = builder.create_optimization_profile()
+        opt = min(OPT_BATCH, max_batch)
+        profile.set_shape(input_name, (1, *sample_shape), (opt, *sample_shape), (max_batch, *sample_shape))
+        config.add_optimization_profile(profile)
+    if compute_capability is not None:
+        if trt.flavour != "tensorrt-rtx":
+            raise EngineError("building for a named compute capability needs TensorRT for RTX",
+                              hint="build full TensorRT engines on the GPU that will run them")
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(t.ComputeCapability, compute_capability), 0)
+    cache = _load_timing_cache(config, trt, timing_cache)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError(f"{trt.describe()} could not build an engine from the graph",
+                          hint="see TensorRT's log above; check free GPU memory and the TensorRT version")
+    if cache is not None and timing_cache is not None:
+        atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(plan))
+
+
+def _load_timing_cache(config: Any, trt: TensorRT, path: Optional[Path]) -> Any:
+    """Attach the timing cache in ``path`` (or a new one) to ``config``; full TensorRT only."""
+    if path is None or trt.flavour != "tensorrt":
+        return None
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("%s: timing cache does not match this TensorRT/GPU; starting a new one", path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def check_onnx(onnx_bytes: bytes, *, input_name: str, sample_shape: tuple[int, ...], batch: Optional[int] = None,
+               max_batch: int = 32) -> str:
+    """Parse and build ``onnx_bytes`` ahead of time with TensorRT for RTX (no GPU needed).
+
+    Returns what ran (e.g. ``"TensorRT for RTX 1.7.1.116: parsed, built for SM86 (7.2 MB plan)"``);
+    raises :class:`EngineError` when the parser or builder refuses the graph or RTX is absent.
+    """
+    try:
+        import tensorrt_rtx_bindings
+    except ImportError:
+        raise EngineError("TensorRT for RTX is not installed", hint="pip install tensorrt-rtx-cu13-libs "
+                          "tensorrt-rtx-cu13-bindings") from None
+    trt = TensorRT(tensorrt_rtx_bindings, "tensorrt-rtx")
+    plan = build_plan(onnx_bytes, trt, input_name=input_name, sample_shape=sample_shape, batch=batch,
+                      max_batch=max_batch, compute_capability=CHECK_COMPUTE_CAPABILITY)
+    return f"{trt.describe()}: parsed, built for {CHECK_COMPUTE_CAPABILITY} ({len(plan) / 1e6:.1f} MB plan)"
