@@ -144,6 +144,8 @@ def _weights(value: str) -> str:
 @click.option("--test-split", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
               help="Test fraction when DATA is a plain class-folder layout.")
 @click.option("--vflip", is_flag=True, help="Also flip vertically (inspection, microscopy, top-down images).")
+@click.option("--crop-scale", type=click.FloatRange(0.05, 1.0), default=0.35, show_default=True,
+              help="Random crops keep at least this fraction of the image; 0.8 when defects are small.")
 @click.option("--train-bn", is_flag=True, help="Update BatchNorm statistics while fine-tuning (default: keep ImageNet's).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")

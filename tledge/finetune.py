@@ -68,6 +68,8 @@ class FinetuneConfig:
     val_split: float = 0.1  # fraction carved out for validation when the folder has no val/
     test_split: float = 0.2  # fraction held out for testing when the folder has no train/ layout
     vflip: bool = False  # also flip vertically (top-down, microscopy, inspection images)
+    crop_scale: float = 0.35  # random-resized-crop keeps at least this fraction of the image area;
+    # raise it (0.8) when the evidence is small and anywhere in the image (defects): a tight crop can miss it
     # BatchNorm in inference mode while fine-tuning (Keras' advice too): the head was fitted on
     # features computed with the running statistics; batch statistics of a small, domain-shifted
     # batch would change the features under it. Also ~15% faster on CPU.
@@ -86,6 +88,7 @@ class FinetuneConfig:
                   (16 <= self.img_size <= 1024, "--img-size must be in 16..1024"),
                   (self.batch_size >= 1, "--batch-size must be at least 1"), (self.lr > 0, "--lr must be positive"),
                   (0 < self.crop_ratio <= 1, "--crop-ratio must be in (0, 1]"),
+                  (0.05 <= self.crop_scale <= 1, "--crop-scale must be in [0.05, 1]"),
                   (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")]
         for ok, message in checks:
             if not ok:
@@ -262,7 +265,7 @@ def _finetune_phase(*, cfg, d, out, splits, prep, model, train, val, normalize, 
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
 
-    augment = BatchAugment((prep.height, prep.width), vflip=cfg.vflip)
+    augment = BatchAugment((prep.height, prep.width), scale=(cfg.crop_scale, 1.0), vflip=cfg.vflip)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and d.device.type == "cuda"
                                                and not torch.cuda.is_bf16_supported()) else None
     while state.epoch < cfg.epochs and not _stopped_early(cfg, state):
