@@ -10,5 +10,5 @@ import pytest
 from .datasets import tiny_run_fixture
 
 # One real fine-tuning run (ImageNet EfficientNet-Lite0, 32 px, 3 colour classes), shared by every
-# test that only reads its checkpoint: tests/train, tests/export, benchmark tests.
+# test that only reads its checkpoint: tests/tledge, tests/export, benchmark tests.
 tiny_run = pytest.fixture(scope="session")(tiny_run_fixture)

@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("cpu", "tensorrt")
-CALIB_BATCH = 16  # images per calibration run
+CALIB_BATCH = 16  # images per calibration run (min/max calibration)
+# ORT's histogram collectors (entropy, percentile) stack each tensor's batches into one array and
+# fail when the last batch is smaller; one image per run keeps every batch the same shape.
+HISTOGRAM_BATCH = 1
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,8 @@ FLAVOURS = {
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over an in-memory NCHW array."""
 
-    def __init__(self, name: str, x: np.ndarray, fixed_batch: Optional[int]):
-        self._name, self._x, self._fixed = name, x, fixed_batch
+    def __init__(self, name: str, x: np.ndarray, fixed_batch: Optional[int], chunk: int):
+        self._name, self._x, self._fixed, self._chunk = name, x, fixed_batch, chunk
         self._it = None
         self.rewind()
 
@@ -69,7 +72,7 @@ class _Reader:
         return None if batch is None else {self._name: batch[0]}
 
     def rewind(self) -> None:
-        self._it = iter(batches(self._x, self._fixed, CALIB_BATCH))
+        self._it = iter(batches(self._x, self._fixed, self._chunk))
 
     def __len__(self) -> int:
         return len(self._x)
@@ -122,11 +125,17 @@ class Quantizer:
         f = self.flavour
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
-        extra = {"ActivationSymmetric": f.activation_symmetric, "WeightSymmetric": True, "QuantizeBias": f.quantize_bias}
+        extra = {"ActivationSymmetric": f.activation_symmetric, "WeightSymmetric": True, "QuantizeBias": f.quantize_bias,
+                 # The classifier head's logits stay float: 256 levels would coarsen every score the runtime
+                 # reports, for no speed (one small matrix product); TensorRT also wants weighted layers'
+                 # outputs unquantized.
+                 "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]}
         with _quiet():
             # A file path, not the proto: quantize_static rewrites a proto's initializers into
             # external-data references that only live in its own temporary folder.
-            quantize_static(str(self._prepared), str(self._output), _Reader(self.input_name, self.calib, self.fixed_batch),
+            chunk = CALIB_BATCH if self.method == "minmax" else HISTOGRAM_BATCH
+            quantize_static(str(self._prepared), str(self._output),
+                            _Reader(self.input_name, self.calib, self.fixed_batch, chunk),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
                             activation_type=QuantType.QUInt8 if f.activation_type == "uint8" else QuantType.QInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes),

@@ -288,7 +288,12 @@ def _budget_hint(fmt: str, parity: Parity, details: dict[str, Any]) -> str:
     if fmt == "fp16":
         return f"ship the fp32 or int8 model instead, or verify on more held-out images ({few})"
     aware = details.get("accuracy_aware", {})
-    kept = f"accuracy-aware int8 kept {len(aware.get('float_nodes', []))} node(s) in float (limit {aware.get('limit', 0)}); "
+    limit = aware.get("limit", 0)
+    if limit:
+        kept = (f"accuracy-aware int8 tried up to {limit} node(s) in float (its limit) without meeting it, "
+                f"the closest attempt kept {len(aware.get('float_nodes', []))}; ")
+    else:
+        kept = "accuracy-aware int8 kept no node in float (--max-float-nodes 0, or no node ranked); "
     return (kept + "try --calib-method percentile or entropy, a larger --calib-size, a larger --max-float-nodes, "
             f"or --budget above the drop; the fp16 export keeps accuracy ({few})")
 

@@ -90,12 +90,12 @@ def build_plan(onnx_bytes: bytes, trt: TensorRT, *, input_name: str, sample_shap
     if not hasattr(t.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         raise EngineError(f"{trt.describe()} cannot build strongly typed networks",
                           hint="install TensorRT 10 or newer (pip install tensorrt, or JetPack 6 on Jetson)")
-    logger = t.Logger(t.Logger.WARNING)
+    logger = _logger(t)
     builder = t.Builder(logger)
     network = builder.create_network(1 << int(t.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = t.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
-        errors = [str(parser.get_error(i)).strip().splitlines()[0] for i in range(parser.num_errors)]
+        errors = [_error_text(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineError(f"{trt.describe()}'s ONNX parser rejected the graph: {'; '.join(errors) or 'no reason given'}",
                           hint="export the TensorRT flavour (--target tensorrt) for int8 engines; report the graph otherwise")
     config = builder.create_builder_config()
@@ -120,6 +120,32 @@ def build_plan(onnx_bytes: bytes, trt: TensorRT, *, input_name: str, sample_shap
     if cache is not None and timing_cache is not None:
         atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(plan))
+
+
+def _error_text(error: Any) -> str:
+    """A parser error in one line: what failed and why, without the CUDA-driver noise of GPU-less builds."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    keep = [line for line in lines if "catchCudaError" not in line and "Cuda Runtime" not in line]
+    return " / ".join(keep)[:600]
+
+
+def _logger(t: Any) -> Any:
+    """A TensorRT logger that writes to Python logging (stderr via the CLI), never to stdout,
+    which carries the export table and --json."""
+
+    class _ToLogging(t.ILogger):
+        def __init__(self) -> None:
+            t.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            level = {t.ILogger.INTERNAL_ERROR: logging.ERROR, t.ILogger.ERROR: logging.ERROR,
+                     t.ILogger.WARNING: logging.WARNING}.get(severity, logging.DEBUG)
+            # Ahead-of-time builds on a GPU-less machine report a CUDA driver error that is expected there.
+            if "catchCudaError" in msg or "CUDA driver version is insufficient" in msg:
+                level = logging.DEBUG
+            log.log(level, "TensorRT: %s", msg)
+
+    return _ToLogging()
 
 
 def _load_timing_cache(config: Any, trt: TensorRT, path: Optional[Path]) -> Any:
