@@ -1,0 +1,90 @@
+"""`tledge export` on the command line: one-line errors, non-zero exit with the numbers when over budget, JSON."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tledge.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["export", *args])
+
+
+def _one_line_error(result, code: int, *fragments: str) -> str:
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def test_help():
+    result = run("--help")
+    assert result.exit_code == 0
+    for option in ("--fp16", "--int8", "--calib-method", "--target", "--bake-preprocess", "--engine", "--triton",
+                   "--budget", "--batch", "--max-batch", "--opset", "--json"):
+        assert option in result.output
+
+
+def test_bad_checkpoints_are_one_line_errors(tiny_run, tmp_path):
+    import torch
+
+    _one_line_error(run(str(tmp_path / "missing.pt")), 1, "no such checkpoint file")
+    other = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, other)
+    _one_line_error(run(str(other)), 1, "not a tledge checkpoint")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(tiny_run.best.read_bytes()[:4000])
+    _one_line_error(run(str(corrupt)), 1, "corrupt or truncated checkpoint")
+    alone = tmp_path / "alone" / "best.pt"
+    alone.parent.mkdir()
+    shutil.copy(tiny_run.best, alone)
+    _one_line_error(run(str(alone)), 1, "split.json", "held-out images")
+    assert not (tmp_path / "alone" / "export").exists()
+
+
+@pytest.mark.parametrize("args, code, fragments", [
+    (["--batch", "many"], 2, ["--batch", "neither 'dynamic' nor a batch size"]),
+    (["--calib-method", "kl"], 2, ["--calib-method"]),
+    (["--int8", "--engine"], 1, ["--target tensorrt"]),
+    (["--triton", "--batch", "4"], 1, ["dynamic batch"]),
+])
+def test_bad_option_combinations_fail_before_any_work(tiny_run, tmp_path, args, code, fragments):
+    _one_line_error(run(str(tiny_run.best), "--out", str(tmp_path / "x"), *args), code, *fragments)
+    assert not (tmp_path / "x").exists()
+
+
+def test_int8_over_budget_exits_non_zero_with_the_numbers(tiny_run, exported, tmp_path):
+    """Calibrated on flat grey images, int8 clips every real activation; one float node cannot save it."""
+    calib = tmp_path / "grey"
+    calib.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((40, 40, 3), 120 + i, dtype=np.uint8)).save(calib / f"g{i}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(exported.out / "model.int8.onnx", out / "model.int8.onnx")  # left by an earlier, good export
+    result = run(str(tiny_run.best), "--out", str(out), "--int8", "--calib", str(calib), "--budget", "0",
+                 "--max-float-nodes", "1", "--json", "--workers", "2")
+    error = _one_line_error(result, 1, "int8: accuracy drop", "points > budget 0", "% vs PyTorch",
+                            "tried up to 1 node(s) in float (its limit)", "--calib-method")
+    report = json.loads(result.stdout)  # stdout is the JSON report alone, even when the export fails
+    formats = {f["format"]: f for f in report["formats"]}
+    assert formats["fp32"]["status"] == "ok" and formats["int8"]["status"] == "over_budget"
+    assert not report["ok"] and report["images"]["calibration"] == 6
+    attempts = formats["int8"]["accuracy_aware"]["attempts"]
+    assert [len(a["float_nodes"]) for a in attempts] == [0, 1] and not any(a["passed"] for a in attempts)
+    drop = -formats["int8"]["verification"]["accuracy_delta_points"]
+    assert drop > 0 and f"{drop:.2f} points" in error
+    assert (out / "model.onnx").is_file()
+    assert not (out / "model.int8.onnx").exists()  # not written, and the stale one removed
+    assert json.loads((out / "report.json").read_text())["formats"][1]["status"] == "over_budget"

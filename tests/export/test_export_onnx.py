@@ -1,0 +1,112 @@
+"""fp32 ONNX: plain onnxruntime loads it, its metadata is the contract, it matches PyTorch, dynamic batch works."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from tledge_runtime.meta import ONNX_KEY, ModelMeta, Preprocess
+
+from tledge.checkpoint import file_sha256
+from tledge_export.onnx_export import export_onnx
+from tledge_export.verify import FP32_ATOL, FP32_RTOL
+
+
+def _meta(path) -> ModelMeta:
+    props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    return ModelMeta.from_json(props[ONNX_KEY])
+
+
+def test_every_file_loads_with_plain_onnxruntime_and_carries_its_metadata(exported, tiny_run):
+    expected = {"fp32": ("model.onnx", None), "fp16": ("model.fp16.onnx", None), "int8": ("model.int8.onnx", "cpu")}
+    assert exported.ok, exported.table()
+    for fmt, (name, target) in expected.items():
+        path = exported.out / name
+        meta = _meta(path)
+        assert meta.precision == fmt
+        assert meta.labels == ("blue", "green", "red")
+        assert meta.provenance.architecture == "efficientnet_lite0"
+        assert meta.provenance.checkpoint_sha256 == file_sha256(tiny_run.best)
+        assert meta.provenance.opset == 18 and meta.provenance.created.endswith("+00:00")
+        assert meta.input.dtype == "float32" and meta.input.batch is None and not meta.input.baked_preprocess
+        assert (meta.quantization.target if meta.quantization else None) == target
+        v = meta.verification
+        assert v["passed"] and v["images"] == 15 and "val+test" in v["data"] and v["reference"].startswith("PyTorch")
+        assert v["agreement"] == 1.0 if fmt == "fp32" else v["agreement"] >= 0.9
+    report = json.loads((exported.out / "report.json").read_text())
+    assert report["ok"] and [f["format"] for f in report["formats"]] == ["fp32", "fp16", "int8"]
+    assert report["images"] == {"verification": 15, "verification_data": "held-out val+test split of run",
+                                "calibration": 33}
+
+
+def test_fp32_matches_pytorch_within_budget_on_held_out_images(exported, held_out):
+    sess = ort.InferenceSession(str(exported.out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input": held_out.x})[0]
+    assert np.all(np.abs(logits - held_out.logits) <= FP32_ATOL + FP32_RTOL * np.abs(held_out.logits))
+    assert (logits.argmax(1) == held_out.logits.argmax(1)).all()
+    recorded = exported.get("fp32").parity
+    assert recorded.max_abs_diff == pytest.approx(float(np.abs(logits - held_out.logits).max()), rel=0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_dynamic_batch_runs_batch_1_and_5(exported, held_out, batch):
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        sess = ort.InferenceSession(str(exported.out / name), providers=["CPUExecutionProvider"])
+        assert sess.get_inputs()[0].shape[0] == "batch"
+        out = sess.run(None, {"input": held_out.x[:batch]})[0]
+        assert out.shape == (batch, 3)
+        everything = sess.run(None, {"input": held_out.x})[0]
+        np.testing.assert_allclose(out, everything[:batch], atol=1e-5)
+
+
+def test_graph_is_checker_clean_and_simplified(exported):
+    model = onnx.load(str(exported.out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.op_type for n in model.graph.node}
+    # onnxslim folded every BatchNorm into its convolution and every shape computation away.
+    assert "BatchNormalization" not in ops and "Constant" not in ops and "Shape" not in ops
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+
+
+class _Tiny(torch.nn.Module):
+    """Conv -> ReLU -> global pool -> Linear: enough graph to exercise an exporter quickly."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_both_exporters_dynamic_and_fixed_batch(exporter):
+    prep = Preprocess(height=16, width=16)
+    model = _Tiny().eval()
+    x = torch.randn(5, 3, 16, 16)
+    ref = model(x).detach().numpy()
+    dynamic = export_onnx(model, prep, 4, opset=18, exporter=exporter)
+    dims = [d.dim_param or d.dim_value for d in dynamic.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 16, 16]
+    sess = ort.InferenceSession(dynamic.SerializeToString(), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        np.testing.assert_allclose(sess.run(None, {"input": x[:n].numpy()})[0], ref[:n], atol=1e-5)
+    fixed = export_onnx(model, prep, 4, batch=2, opset=18, exporter=exporter)
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 16, 16]
+    sess = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": x[:2].numpy()})[0], ref[:2], atol=1e-5)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        sess.run(None, {"input": x[:3].numpy()})
+
+
+def test_exporter_refuses_an_opset_it_cannot_write():
+    from tledge_export.errors import ExportError
+
+    with pytest.raises(ExportError, match="writes opsets 13..20, not 21"):
+        export_onnx(_Tiny(), Preprocess(height=16, width=16), 4, opset=21, exporter="torchscript")
