@@ -221,7 +221,9 @@ def _decode_all(cfg: FinetuneConfig, splits: Splits, prep: Preprocess, out: Path
     if skipped and d.main:
         total = len(splits.train) + len(splits.val) + len(splits.test)
         log.warning("%s (listed in %s)", summarize_skipped(skipped, total), out / "skipped.txt")
-        atomic_write(out / "skipped.txt", "".join(f"{p}\t{kind}\t{msg}\n" for p, kind, msg in skipped).encode())
+        # surrogateescape: a file name that is not valid UTF-8 is written back as its original bytes
+        lines = "".join(f"{p}\t{kind}\t{msg}\n" for p, kind, msg in skipped)
+        atomic_write(out / "skipped.txt", lines.encode("utf-8", "surrogateescape"))
     return train, val, test
 
 
