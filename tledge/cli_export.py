@@ -55,7 +55,8 @@ class _Batch(click.ParamType):
 @click.option("--bake-preprocess", is_flag=True,
               help="uint8 NHWC input at model size; scaling, mean/std and transpose inside the graph.")
 @click.option("--fp16-io", is_flag=True, help="fp16 model takes and returns float16 (default: float32 I/O).")
-@click.option("--engine", is_flag=True, help="Build TensorRT engines (needs TensorRT and a GPU; verified before written).")
+@click.option("--engine", is_flag=True,
+              help="Build TensorRT engines (needs TensorRT and a GPU; verified before written).")
 @click.option("--triton", is_flag=True, help="Write a Triton model repository to <out>/triton.")
 @click.option("--budget", type=click.FloatRange(0, 100), default=1.0, show_default=True,
               help="int8: accuracy drop allowed against PyTorch, in points.")

@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from tledge_runtime.meta import ModelMeta, Provenance
 
@@ -105,7 +106,8 @@ def export_checkpoint(opts: ExportOptions):
         architecture=ckpt["arch"], checkpoint_sha256=file_sha256(path), tledge_version=__version__, opset=opts.opset,
         created=datetime.now(timezone.utc).replace(microsecond=0).isoformat()))
     model = model_from_checkpoint(ckpt)
-    log.info("exporting %s (%s, %d classes, %dx%d) to %s", path, ckpt["arch"], len(labels), prep.height, prep.width, out)
+    log.info("exporting %s (%s, %d classes, %dx%d) to %s", path, ckpt["arch"], len(labels), prep.height, prep.width,
+             out)
     result = export_model(model, meta, verify_images=verify.images, verify_labels=verify.labels, calib_images=calib,
                           config=config, progress=progress)
     return result
@@ -120,7 +122,8 @@ def _run_splits(run: Path, labels: Sequence[str]) -> Splits:
     try:
         splits = Splits.from_json(saved.read_text())
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{saved}: unreadable ({type(e).__name__})", hint="restore the run folder's split.json") from None
+        raise DataError(f"{saved}: unreadable ({type(e).__name__})",
+                        hint="restore the run folder's split.json") from None
     if list(splits.classes) != list(labels):
         raise DataError(f"{saved}: classes {splits.classes} differ from the checkpoint's {list(labels)}",
                         hint="the checkpoint was moved into another run's folder; export it from its own run")

@@ -22,8 +22,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["ExportConfig", "ExportResult", "FormatResult", "export_model", "ExportError", "ExportFailed",
-           "EngineError", "__version__"]
+__all__ = [
+    "EngineError",
+    "ExportConfig",
+    "ExportError",
+    "ExportFailed",
+    "ExportResult",
+    "FormatResult",
+    "__version__",
+    "export_model",
+]
 
 if TYPE_CHECKING:
     from .errors import EngineError, ExportError, ExportFailed

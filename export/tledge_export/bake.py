@@ -50,7 +50,8 @@ def bake_preprocess(model: onnx.ModelProto, p: Preprocess) -> onnx.ModelProto:
         helper.make_node("Add", [f"{PREFIX}_scaled", f"{PREFIX}_add"], [normalized], name=f"{PREFIX}_add"),
     ]
     if elem == TensorProto.FLOAT:
-        nodes.append(helper.make_node("Transpose", [normalized], [inner], perm=[0, 3, 1, 2], name=f"{PREFIX}_transpose"))
+        nodes.append(helper.make_node("Transpose", [normalized], [inner], perm=[0, 3, 1, 2],
+                                      name=f"{PREFIX}_transpose"))
     else:
         nodes += [helper.make_node("Transpose", [normalized], [f"{PREFIX}_nchw32"], perm=[0, 3, 1, 2],
                                    name=f"{PREFIX}_transpose"),

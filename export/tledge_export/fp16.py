@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -45,7 +45,8 @@ def fp16_unsafe_nodes(model: onnx.ModelProto, images: np.ndarray, *, fixed_batch
     return unsafe
 
 
-def convert_fp16(model: onnx.ModelProto, *, keep_io_types: bool = True, fp32_nodes: Sequence[str] = ()) -> onnx.ModelProto:
+def convert_fp16(model: onnx.ModelProto, *, keep_io_types: bool = True,
+                 fp32_nodes: Sequence[str] = ()) -> onnx.ModelProto:
     """The fp16 version of ``model`` (a new proto); ``fp32_nodes`` and :data:`FP32_OPS` stay float32."""
     from onnxconverter_common import float16
 

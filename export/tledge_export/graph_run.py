@@ -4,7 +4,8 @@ reading intermediate tensors, for verification, fp16 range checks and int8 sensi
 from __future__ import annotations
 
 import time
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -72,8 +73,8 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     present = {o.name for o in augmented.graph.output}
     for name in names:
         if name not in present:
-            augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT),
-                                                                            None))
+            elem = types.get(name, onnx.TensorProto.FLOAT)
+            augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
             present.add(name)
     return augmented
 

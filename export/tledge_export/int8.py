@@ -23,9 +23,10 @@ import contextlib
 import io
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -125,7 +126,8 @@ class Quantizer:
         f = self.flavour
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
-        extra = {"ActivationSymmetric": f.activation_symmetric, "WeightSymmetric": True, "QuantizeBias": f.quantize_bias,
+        extra = {"ActivationSymmetric": f.activation_symmetric, "WeightSymmetric": True,
+                 "QuantizeBias": f.quantize_bias,
                  # The classifier head's logits stay float: 256 levels would coarsen every score the runtime
                  # reports, for no speed (one small matrix product); TensorRT also wants weighted layers'
                  # outputs unquantized.

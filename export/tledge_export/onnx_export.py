@@ -61,7 +61,8 @@ def export_onnx(model: torch.nn.Module, preprocess: Preprocess, num_classes: int
     example = torch.zeros(batch or 2, 3, preprocess.height, preprocess.width)
     try:
         with torch.no_grad():
-            proto = _dynamo(model, example, batch, opset) if exporter == "dynamo" else _torchscript(model, example, batch, opset)
+            run = _dynamo if exporter == "dynamo" else _torchscript
+            proto = run(model, example, batch, opset)
     except ExportError:
         raise
     except Exception as e:  # the exporters raise many types; all mean "this model did not export"

@@ -12,10 +12,11 @@ of that name is removed); the others still are. The result says which is which, 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import onnx
@@ -118,7 +119,8 @@ class _Job:
         self.images_u8 = np.ascontiguousarray(verify_images)
         self.x = normalize(self.images_u8)
         self.labels = verify_labels
-        self.x_calib = normalize(np.ascontiguousarray(calib_images)) if calib_images is not None and len(calib_images) else None
+        has_calib = calib_images is not None and len(calib_images) > 0
+        self.x_calib = normalize(np.ascontiguousarray(calib_images)) if has_calib else None
         log.info("PyTorch reference logits on %d held-out images", len(self.x))
         self.reference = torch_logits(model, self.x)
         self.finals: dict[str, onnx.ModelProto] = {}  # format -> the model as written (for engines and Triton)
@@ -202,8 +204,8 @@ class _Job:
                 continue
             if r.format in self.finals:
                 final = self.finals[r.format]
-                entries.append(TritonModel(model_name(arch, r.format), final.SerializeToString(), artifact.read_meta(final),
-                                           "onnx"))
+                entries.append(TritonModel(model_name(arch, r.format), final.SerializeToString(),
+                                           artifact.read_meta(final), "onnx"))
             elif r.format in self.plans:
                 plan, meta = self.plans[r.format]
                 entries.append(TritonModel(model_name(arch, r.format), plan, meta, "plan"))
@@ -272,7 +274,8 @@ class _Job:
 
     def _summary(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {"source": cfg.source, "architecture": self.meta.provenance.architecture, "labels": list(self.meta.labels),
+        return {"source": cfg.source, "architecture": self.meta.provenance.architecture,
+                "labels": list(self.meta.labels),
                 "checkpoint_sha256": self.meta.provenance.checkpoint_sha256, "created": self.measured,
                 "reference": self.reference_name,
                 "images": {"verification": int(len(self.x)), "verification_data": cfg.verification_data,
@@ -281,10 +284,11 @@ class _Job:
 
 
 def _budget_hint(fmt: str, parity: Parity, details: dict[str, Any]) -> str:
-    few = f"with {parity.images} held-out images one changed prediction moves accuracy by {100 / parity.images:.2g} points"
+    few = (f"with {parity.images} held-out images one changed prediction moves accuracy by "
+           f"{100 / parity.images:.2g} points")
     if fmt == "fp32":
-        return ("the ONNX graph does not compute what the PyTorch model does: try --exporter dynamo or another --opset, "
-                "and report the architecture")
+        return ("the ONNX graph does not compute what the PyTorch model does: try --exporter dynamo or "
+                "another --opset, and report the architecture")
     if fmt == "fp16":
         return f"ship the fp32 or int8 model instead, or verify on more held-out images ({few})"
     aware = details.get("accuracy_aware", {})

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-
 from .artifact import write_file
 from .errors import ExportFailed, Failure
 from .verify import Parity, row, table

@@ -92,7 +92,8 @@ def _weight_score(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], floats
     if len(dq.input) < 2 or dq.input[1] not in inits:
         return 0.0
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
-    zero = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64) if len(dq.input) > 2 and dq.input[2] in inits else 0.0
+    has_zero = len(dq.input) > 2 and dq.input[2] in inits
+    zero = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64) if has_zero else 0.0
     axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if np.ndim(scale) == 1 and scale.size > 1 else 0
     if np.ndim(scale) == 1 and scale.size > 1:
         shape = [1] * q.ndim

@@ -96,8 +96,8 @@ def build_plan(onnx_bytes: bytes, trt: TensorRT, *, input_name: str, sample_shap
     parser = t.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = [_error_text(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineError(f"{trt.describe()}'s ONNX parser rejected the graph: {'; '.join(errors) or 'no reason given'}",
-                          hint="export the TensorRT flavour (--target tensorrt) for int8 engines; report the graph otherwise")
+        raise EngineError(f"{trt.describe()}'s ONNX parser rejected the graph: {'; '.join(errors) or 'no reason'}",
+                          hint="int8 engines need the TensorRT flavour (--target tensorrt); report other graphs")
     config = builder.create_builder_config()
     if not tf32 and hasattr(t.BuilderFlag, "TF32"):
         config.clear_flag(t.BuilderFlag.TF32)

@@ -16,9 +16,9 @@ the top-k classes by name through ``labels.txt``.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from tledge_runtime.meta import ModelMeta
 

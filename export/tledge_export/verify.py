@@ -16,8 +16,9 @@ Accuracy deltas are signed, model minus PyTorch: a negative delta is a drop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -113,8 +114,8 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, budge
     drop = 100.0 * (accuracy_ref - accuracy)
     if budget.kind == "accuracy" and drop > budget.max_drop_points + 1e-9:
         failures.append(f"accuracy drop {drop:.2f} points > budget {budget.max_drop_points:g} "
-                        f"({100 * accuracy:.2f}% vs PyTorch {100 * accuracy_ref:.2f}%, agreement {100 * agreement:.1f}%, "
-                        f"{n} images)")
+                        f"({100 * accuracy:.2f}% vs PyTorch {100 * accuracy_ref:.2f}%, "
+                        f"agreement {100 * agreement:.1f}%, {n} images)")
     return Parity(images=n, max_abs_diff=float(diff.max()) if finite else None,
                   mean_abs_diff=float(diff.mean()) if finite else None, agreement=agreement,
                   accuracy_reference=accuracy_ref, accuracy=accuracy, budget=budget, passed=not failures,

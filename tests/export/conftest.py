@@ -29,11 +29,12 @@ class HeldOut:
 
 @pytest.fixture(scope="session")
 def held_out(tiny_run) -> HeldOut:
+    from tledge_export.verify import torch_logits
+    from tledge_runtime.preprocess import Normalizer
+
     from tledge.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
     from tledge.data import Splits
     from tledge.imagecache import decode_images
-    from tledge_runtime.preprocess import Normalizer
-    from tledge_export.verify import torch_logits
 
     ckpt = load_checkpoint(tiny_run.best)
     prep = preprocess_of(ckpt)
@@ -50,7 +51,8 @@ def exported(tiny_run, tmp_path_factory):
     from tledge.exporting import ExportOptions, export_checkpoint
 
     out = tmp_path_factory.mktemp("export-api")
-    return export_checkpoint(ExportOptions(checkpoint=str(tiny_run.best), out=str(out), fp16=True, int8=True, workers=2))
+    opts = ExportOptions(checkpoint=str(tiny_run.best), out=str(out), fp16=True, int8=True, workers=2)
+    return export_checkpoint(opts)
 
 
 @dataclass

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import onnx
 import pytest
 import torch
+from tledge_export import ExportConfig, export_model
+from tledge_export.accuracy_aware import search
+from tledge_export.artifact import read_meta
+from tledge_export.verify import Budget, Parity
 from tledge_runtime.meta import ModelMeta, Provenance
 
 from tledge.checkpoint import load_checkpoint, preprocess_of
 from tledge.data import Splits
 from tledge.imagecache import decode_images
-from tledge_export import ExportConfig, export_model
-from tledge_export.accuracy_aware import search
-from tledge_export.artifact import read_meta
-from tledge_export.verify import Budget, Parity
 
 
 class _OutlierFeature(torch.nn.Module):

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from tledge_export.artifact import read_meta
 from tledge_runtime import Classifier
 
 from tledge.data import Splits
-from tledge_export.artifact import read_meta
 
 
 def test_baked_models_take_uint8_nhwc_and_agree_with_the_float_model(exported_cli, exported, held_out):

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import onnx
 import pytest
-from tledge_runtime import fileio
-
 from tledge_export.artifact import read_meta, save_onnx
+from tledge_runtime import fileio
 
 
 def _assert_only_complete_models(folder: Path) -> list[str]:

@@ -6,17 +6,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from tledge_runtime.meta import Preprocess
-
 from tledge_export.fp16 import FP16_SAFE_MAX, convert_fp16, fp16_unsafe_nodes
 from tledge_export.onnx_export import export_onnx
+from tledge_runtime.meta import Preprocess
 
 
 def test_fp16_file_has_float32_io_and_agrees_with_pytorch(exported, held_out):
     path = exported.out / "model.fp16.onnx"
     model = onnx.load(str(path))
     f32 = onnx.TensorProto.FLOAT
-    assert model.graph.input[0].type.tensor_type.elem_type == f32 and model.graph.output[0].type.tensor_type.elem_type == f32
+    assert model.graph.input[0].type.tensor_type.elem_type == f32
+    assert model.graph.output[0].type.tensor_type.elem_type == f32
     conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     types = {t.data_type for t in model.graph.initializer if t.name in conv_weights}
     assert types == {onnx.TensorProto.FLOAT16}
@@ -54,7 +54,9 @@ def test_nodes_whose_tensors_overflow_fp16_stay_float32():
     assert unsafe, f"nothing above {FP16_SAFE_MAX} found"
     plain = convert_fp16(fp32)  # what a converter without the range check writes
     careful = convert_fp16(fp32, fp32_nodes=unsafe)
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x.numpy()})[0]
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x.numpy()})[0]
+
     assert not np.isfinite(run(plain)).all() or np.abs(run(plain) - ref).max() > 0.1
     np.testing.assert_allclose(run(careful), ref, atol=0.05)

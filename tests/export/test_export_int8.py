@@ -7,7 +7,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
-
 from tledge_export.artifact import read_meta
 
 

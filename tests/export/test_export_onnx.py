@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tledge_export.onnx_export import export_onnx
+from tledge_export.verify import FP32_ATOL, FP32_RTOL
 from tledge_runtime.meta import ONNX_KEY, ModelMeta, Preprocess
 
 from tledge.checkpoint import file_sha256
-from tledge_export.onnx_export import export_onnx
-from tledge_export.verify import FP32_ATOL, FP32_RTOL
 
 
 def _meta(path) -> ModelMeta:

@@ -7,7 +7,6 @@ import json
 
 import onnx
 import pytest
-
 from tledge_export.errors import EngineError
 from tledge_export.tensorrt import check_onnx, find_tensorrt
 

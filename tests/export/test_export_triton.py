@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from tledge_runtime.meta import ModelMeta, Preprocess, Provenance, InputSpec
-
 from tledge_export.errors import ExportError
 from tledge_export.triton import TritonModel, config_pbtxt
+from tledge_runtime.meta import InputSpec, ModelMeta, Preprocess, Provenance
 
 
 def test_repository_layout_and_config(exported_cli):
@@ -26,7 +25,8 @@ def test_repository_layout_and_config(exported_cli):
         assert re.search(r"dynamic_batching \{\s*max_queue_delay_microseconds: \d+\s*\}", config)
         # Baked models: uint8 NHWC frames at model size go straight in; logits come out with labels.
         assert re.search(r'name: "input"\s*data_type: TYPE_UINT8\s*format: FORMAT_NHWC\s*dims: \[ 32, 32, 3 \]', config)
-        assert re.search(r'name: "logits"\s*data_type: TYPE_FP32\s*dims: \[ 3 \]\s*label_filename: "labels.txt"', config)
+        logits = r'name: "logits"\s*data_type: TYPE_FP32\s*dims: \[ 3 \]\s*label_filename: "labels.txt"'
+        assert re.search(logits, config)
         assert config.count("{") == config.count("}") and config.count("[") == config.count("]")
 
 
