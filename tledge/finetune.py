@@ -429,14 +429,16 @@ def _unwrap(model: nn.Module) -> Net:
 
 
 def _run_dir(out: Optional[str]) -> Path:
-    if out:
-        return Path(out)
-    base = Path("runs")
+    return Path(out) if out else next_free_run_dir("exp")
+
+
+def next_free_run_dir(name: str, base: Path = Path("runs")) -> Path:
+    """``runs/<name>``, or ``runs/<name>2``, ``runs/<name>3``... whichever does not exist yet."""
     for i in range(1, 10_000):
-        candidate = base / ("exp" if i == 1 else f"exp{i}")
+        candidate = base / (name if i == 1 else f"{name}{i}")
         if not candidate.exists():
             return candidate
-    raise ConfigError("runs/ holds 10,000 experiments", hint="pass --out")
+    raise ConfigError(f"{base} holds 10,000 runs named {name}*", hint="pass --out")
 
 
 def _count_skipped(out: Path) -> int:

@@ -1,0 +1,25 @@
+"""`tledge demo` end to end on a tiny synthetic split folder (the real demo runs on ELPV)."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from tledge.cli import main
+
+from ..datasets import make_dataset
+
+
+def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
+    data = make_dataset(tmp_path / "data", layout="split", per_class=12)
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--data", str(data), "--out", str(out), "--img-size", "32",
+                                       "--epochs", "2", "--freeze-epochs", "1", "--iters", "5"])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "| best.pt | fp32 | pytorch-eager |" in text
+    for name in ("model.onnx", "model.fp16.onnx"):
+        assert f"| {name} |" in text and (out / "export" / name).is_file()
+    assert "recommendation: ship " in text
+    assert "published baseline VGG-19" in text and "wall time" in text
+    for name in ("best.pt", "curves.png", "confusion.png", "benchmark.png", "export/report.json"):
+        assert (out / name).is_file(), name
