@@ -27,7 +27,7 @@ from . import artifact
 from .bake import bake_preprocess
 from .engines import build_engines
 from .errors import ExportError
-from .graph_run import latency_ms, run, session
+from .graph_run import batches, latency_ms, run, session
 from .int8 import METHODS, TARGETS
 from .onnx_export import EXPORTERS, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .results import ExportResult, FormatResult
@@ -184,7 +184,8 @@ class _Job:
                 final = self.bake(model)
                 sess = session(final)
                 parity = self.parity_of(sess, final, budget)
-                return parity, latency_ms(sess, self.inputs_for(final)[: cfg.batch or 1])
+                sample = next(batches(self.inputs_for(final), cfg.batch, 1))[0]  # batch 1, or the fixed batch
+                return parity, latency_ms(sess, sample)
 
             found = search(q.quantize, evaluate,
                            lambda m: rank_nodes(m, self.x_calib, float_model=q.float_model, fixed_batch=cfg.batch),

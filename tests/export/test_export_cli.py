@@ -6,9 +6,11 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from tledge_export.artifact import read_meta
 
 from tledge.cli import main
 
@@ -65,7 +67,8 @@ def test_bad_option_combinations_fail_before_any_work(tiny_run, tmp_path, args, 
 
 
 def test_int8_over_budget_exits_non_zero_with_the_numbers(tiny_run, exported, tmp_path):
-    """Calibrated on flat grey images, int8 clips every real activation; one float node cannot save it."""
+    """Calibrated on flat grey images, int8 clips every real activation; one float node cannot save it.
+    With a fixed batch of 4 (15 held-out images: the last batch is padded) throughout."""
     calib = tmp_path / "grey"
     calib.mkdir()
     for i in range(6):
@@ -74,7 +77,7 @@ def test_int8_over_budget_exits_non_zero_with_the_numbers(tiny_run, exported, tm
     out.mkdir()
     shutil.copy(exported.out / "model.int8.onnx", out / "model.int8.onnx")  # left by an earlier, good export
     result = run(str(tiny_run.best), "--out", str(out), "--int8", "--calib", str(calib), "--budget", "0",
-                 "--max-float-nodes", "1", "--json", "--workers", "2")
+                 "--max-float-nodes", "1", "--batch", "4", "--json", "--workers", "2")
     error = _one_line_error(result, 1, "int8: accuracy drop", "points > budget 0", "% vs PyTorch",
                             "tried up to 1 node(s) in float (its limit)", "--calib-method")
     report = json.loads(result.stdout)  # stdout is the JSON report alone, even when the export fails
@@ -85,6 +88,8 @@ def test_int8_over_budget_exits_non_zero_with_the_numbers(tiny_run, exported, tm
     assert [len(a["float_nodes"]) for a in attempts] == [0, 1] and not any(a["passed"] for a in attempts)
     drop = -formats["int8"]["verification"]["accuracy_delta_points"]
     assert drop > 0 and f"{drop:.2f} points" in error
-    assert (out / "model.onnx").is_file()
+    assert read_meta(out / "model.onnx").input.batch == 4
+    assert [d.dim_value for d in onnx.load(str(out / "model.onnx")).graph.input[0].type.tensor_type.shape.dim] == [
+        4, 3, 32, 32]
     assert not (out / "model.int8.onnx").exists()  # not written, and the stale one removed
     assert json.loads((out / "report.json").read_text())["formats"][1]["status"] == "over_budget"
