@@ -48,7 +48,8 @@ class _Group(click.Group):
         except TledgeError as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted; a finetune run continues with --resume") from None
+            raise click.ClickException("interrupted (files written so far are complete; "
+                                       "an interrupted finetune continues with --resume --out RUN)") from None
 
 
 def _setup_logging(quiet: bool = False) -> None:

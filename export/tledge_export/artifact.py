@@ -10,7 +10,6 @@ the new one, never a torn one.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import onnx
@@ -99,22 +98,8 @@ def check(model: onnx.ModelProto, what: str) -> None:
 
 
 def write_file(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically, readable like any file the user creates.
-
-    :func:`~tledge_runtime.fileio.atomic_write` creates its temporary file with mode 0600
-    (``mkstemp``); a model must be readable by the server or container user that runs it,
-    so the file gets the mode the user's umask gives new files.
-    """
-    atomic_write(path, data)
-    publish(path)
-    return Path(path)
-
-
-def publish(path: Path) -> None:
-    """Give ``path`` the permissions of a normally created file (0666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    """Write ``data`` to ``path`` atomically (readable like any file the user creates; see fileio)."""
+    return atomic_write(path, data)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> Path:

@@ -88,7 +88,6 @@ def _engine(job: _Job, fmt: str, name: str, trt: Optional[TensorRT]) -> FormatRe
     verified = meta.with_(verification={**parity.to_dict(), "reference": job.reference_name,
                                         "data": cfg.verification_data, "measured": job.measured})
     write_engine(path, verified, plan)
-    artifact.publish(path)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     job.plans[name] = (plan, verified)
     return FormatResult(name, "ok", path=path, parity=parity, size_bytes=path.stat().st_size,
