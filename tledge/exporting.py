@@ -59,6 +59,7 @@ class ExportOptions:
     engine: bool = False
     triton: bool = False
     budget: float = 1.0
+    min_agreement: float = 99.0
     max_float_nodes: Optional[int] = None
     workers: int = 4  # image decoding threads
     seed: int = 0  # calibration sampling
@@ -75,7 +76,7 @@ def export_checkpoint(opts: ExportOptions):
     out = Path(opts.out) if opts.out else run / "export"
     config = ExportConfig(out=str(out), **{k: getattr(opts, k) for k in (
         "fp16", "int8", "target", "calib_method", "batch", "max_batch", "opset", "exporter", "bake_preprocess",
-        "fp16_io", "engine", "triton", "budget", "max_float_nodes")},
+        "fp16_io", "engine", "triton", "budget", "min_agreement", "max_float_nodes")},
         verification_data=f"held-out val+test split of {run.name}", source=str(path))
     needs_calibration = opts.int8 or opts.fp16
     config.validate(has_calibration=True)  # option errors before any image is decoded

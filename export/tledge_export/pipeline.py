@@ -57,6 +57,7 @@ class ExportConfig:
     engine: bool = False  # TensorRT engines (fp16 / int8-trt, else fp32)
     triton: bool = False  # Triton model repository in <out>/triton
     budget: float = 1.0  # int8: accuracy drop allowed, points
+    min_agreement: float = 99.0  # fp16 and int8: top-1 agreement with PyTorch required, percent
     fp16_budget: float = FP16_BUDGET
     fp32_atol: float = FP32_ATOL
     fp32_rtol: float = FP32_RTOL
@@ -78,6 +79,8 @@ class ExportConfig:
             bad(f"batch {self.batch} must be >= 1", "use --batch dynamic or a positive number")
         if self.max_batch < 1 or (self.batch is not None and self.max_batch < self.batch):
             bad(f"max batch {self.max_batch} is below the batch", "raise --max-batch")
+        if not 0 <= self.min_agreement <= 100:
+            bad(f"minimum agreement {self.min_agreement} is not a percentage", "e.g. --min-agreement 99")
         if self.budget < 0 or self.fp16_budget < 0:
             bad("accuracy budgets are drops in points and cannot be negative", "e.g. --budget 1.0")
         if self.int8 and not has_calibration:
@@ -169,7 +172,7 @@ class _Job:
         images = self.x_calib if self.x_calib is not None else self.x
         unsafe = fp16_unsafe_nodes(self.fp32, images[:FP16_RANGE_IMAGES], fixed_batch=self.cfg.batch)
         fp16 = convert_fp16(self.fp32, keep_io_types=not self.cfg.fp16_io, fp32_nodes=unsafe)
-        self.finish("fp16", fp16, "fp16", Budget.accuracy(self.cfg.fp16_budget),
+        self.finish("fp16", fp16, "fp16", Budget.accuracy(self.cfg.fp16_budget, self.cfg.min_agreement),
                     details={"fp32_nodes": fp32_node_names(self.fp32, unsafe), "fp16_io": self.cfg.fp16_io})
 
     def _int8(self) -> None:
@@ -178,7 +181,7 @@ class _Job:
         from .sensitivity import rank_nodes
 
         cfg = self.cfg
-        budget = Budget.accuracy(cfg.budget)
+        budget = Budget.accuracy(cfg.budget, cfg.min_agreement)
         with Quantizer(self.fp32, self.x_calib, target=cfg.target, method=cfg.calib_method, fixed_batch=cfg.batch) as q:
             def evaluate(model: onnx.ModelProto) -> tuple[Parity, Optional[float]]:
                 final = self.bake(model)
@@ -300,7 +303,7 @@ def _budget_hint(fmt: str, parity: Parity, details: dict[str, Any]) -> str:
     else:
         kept = "accuracy-aware int8 kept no node in float (--max-float-nodes 0, or no node ranked); "
     return (kept + "try --calib-method percentile or entropy, a larger --calib-size, a larger --max-float-nodes, "
-            f"or --budget above the drop; the fp16 export keeps accuracy ({few})")
+            f"or a looser --budget / --min-agreement; the fp16 export keeps accuracy ({few})")
 
 
 def _quant_dict(q: Quantization) -> dict[str, Any]:

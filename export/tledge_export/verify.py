@@ -34,24 +34,28 @@ class Budget:
     atol: float = 0.0
     rtol: float = 0.0
     max_drop_points: float = 0.0
+    # Top-1 agreement with PyTorch, percent. Accuracy alone can hide errors that cancel out
+    # (as many images fixed as broken); agreement counts every image that changed its answer.
+    min_agreement: float = 0.0
 
     @classmethod
     def logits(cls, atol: float = FP32_ATOL, rtol: float = FP32_RTOL) -> Budget:
         return cls("logits", atol=atol, rtol=rtol)
 
     @classmethod
-    def accuracy(cls, max_drop_points: float) -> Budget:
-        return cls("accuracy", max_drop_points=max_drop_points)
+    def accuracy(cls, max_drop_points: float, min_agreement: float = 0.0) -> Budget:
+        return cls("accuracy", max_drop_points=max_drop_points, min_agreement=min_agreement)
 
     def describe(self) -> str:
         if self.kind == "logits":
             return f"|Δlogit| <= {self.atol:g} + {self.rtol:g}*|logit|"
-        return f"drop <= {self.max_drop_points:g} pt"
+        agree = f", agree >= {self.min_agreement:g}%" if self.min_agreement else ""
+        return f"drop <= {self.max_drop_points:g} pt{agree}"
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "logits":
             return {"kind": "logits", "atol": self.atol, "rtol": self.rtol}
-        return {"kind": "accuracy", "max_drop_points": self.max_drop_points}
+        return {"kind": "accuracy", "max_drop_points": self.max_drop_points, "min_agreement": self.min_agreement}
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,9 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, budge
         failures.append(f"accuracy drop {drop:.2f} points > budget {budget.max_drop_points:g} "
                         f"({100 * accuracy:.2f}% vs PyTorch {100 * accuracy_ref:.2f}%, "
                         f"agreement {100 * agreement:.1f}%, {n} images)")
+    if budget.kind == "accuracy" and 100.0 * agreement < budget.min_agreement - 1e-9:
+        failures.append(f"top-1 agreement with PyTorch {100 * agreement:.2f}% < {budget.min_agreement:g}% "
+                        f"({int(round((1 - agreement) * n))} of {n} images changed their answer)")
     return Parity(images=n, max_abs_diff=float(diff.max()) if finite else None,
                   mean_abs_diff=float(diff.mean()) if finite else None, agreement=agreement,
                   accuracy_reference=accuracy_ref, accuracy=accuracy, budget=budget, passed=not failures,

@@ -87,7 +87,7 @@ def test_cli_json_parses_and_matches_the_table(exported, tmp_path):
     as_json = CliRunner().invoke(main, args + ["--json"])
     assert table.exit_code == 0 and as_json.exit_code == 0, table.output + as_json.output
     payload = json.loads(as_json.stdout)
-    lines = [line for line in table.stdout.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    lines = [line for line in table.stdout.splitlines() if line.startswith("| ") and not line.startswith("| model | precision")]
     assert len(lines) == len(payload["rows"])
     for line, row in zip(lines, payload["rows"]):
         cells = [c.strip() for c in line.strip("|").split("|")]
