@@ -54,6 +54,12 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            _check(isinstance(values, (list, tuple)) and all(_is_number(v) for v in values),
+                   f"preprocess {name} must be a list of numbers")
+        _check(_is_number(self.scale) and self.scale > 0, "preprocess scale must be a positive number")
+        _check(_is_number(self.crop_ratio), "preprocess crop_ratio must be a number")
         # Tuples even when built from JSON lists, so instances stay hashable and frozen.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -158,7 +164,9 @@ class ModelMeta:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        _check(isinstance(self.labels, (list, tuple)) and all(isinstance(x, str) for x in self.labels),
+               "labels must be a list of strings")
+        object.__setattr__(self, "labels", tuple(self.labels))
         _check(self.task == "classification", f"unsupported task {self.task!r}")
         _check(len(self.labels) >= 2, "a classifier needs at least 2 labels")
         _check(len(set(self.labels)) == len(self.labels), "labels must be unique")
@@ -207,7 +215,8 @@ class ModelMeta:
             if body.get("quantization") is not None:
                 body["quantization"] = _build(Quantization, body["quantization"], "quantization")
             if body.get("verification") is not None and not isinstance(body["verification"], dict):
-                raise MetadataError("metadata field 'verification' must be an object")
+                raise MetadataError("metadata field 'verification' must be an object",
+                                    hint="re-export the model with `tledge export`")
             return _build(cls, body, "model")
         except KeyError as e:
             raise MetadataError(f"model metadata lacks the field {e.args[0]!r}",
@@ -225,6 +234,10 @@ class ModelMeta:
         return cls.from_dict(d)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise MetadataError(message, hint="fix the value, or re-export the model with `tledge export`")
@@ -233,7 +246,7 @@ def _check(ok: bool, message: str) -> None:
 def _build(cls: type, d: Any, what: str) -> Any:
     """Construct a dataclass from a dict, rejecting unknown keys and wrong types with MetadataError."""
     if not isinstance(d, dict):
-        raise MetadataError(f"metadata field {what!r} must be an object")
+        raise MetadataError(f"metadata field {what!r} must be an object", hint="re-export the model with `tledge export`")
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(d) - known)
     if unknown:

@@ -1,0 +1,165 @@
+"""Property-based fuzzing of the runtime's untrusted-input entry points (hypothesis).
+
+Properties: whatever bytes, arrays or metadata arrive, the runtime either returns a valid
+result or raises its own error type (ImageError / MetadataError) with a hint: never another
+exception, never a hang, never a wrong-shaped tensor. Bounded for CI (well under a minute);
+``TLEDGE_FUZZ_EXAMPLES=20000 pytest tests/runtime/test_runtime_fuzz.py`` runs the long campaign.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from tledge_runtime.errors import ImageError, MetadataError
+from tledge_runtime.image import load_image
+from tledge_runtime.meta import ModelMeta, Preprocess, Provenance
+from tledge_runtime.preprocess import preprocess
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt files we feed it
+
+EXAMPLES = int(os.environ.get("TLEDGE_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 150,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _seed_files() -> list[bytes]:
+    """Valid encodings of small images in the formats and modes decoders must handle."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    out = []
+    for fmt, img in (("PNG", Image.fromarray(rgb)), ("JPEG", Image.fromarray(rgb)), ("GIF", Image.fromarray(rgb).quantize(8)),
+                     ("BMP", Image.fromarray(rgb[:, :, 0])), ("TIFF", Image.fromarray(rgb)), ("WEBP", Image.fromarray(rgb)),
+                     ("PNG", Image.fromarray(np.dstack([rgb, rgb[:, :, :1]]))),
+                     ("PNG", Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257))):
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+SEEDS = _seed_files()
+
+
+@st.composite
+def mutated_files(draw):
+    """A valid image file with random byte flips, insertions and truncation: the inputs decoders choke on."""
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(0, 8))):
+        i = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["flip", "insert", "delete"]))
+        if op == "flip":
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "insert":
+            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+        elif len(data) > 1:
+            del data[i]
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+def _check_image(img: Image.Image) -> None:
+    assert img.mode == "RGB" and img.size[0] >= 1 and img.size[1] >= 1
+
+
+@FUZZ
+@given(st.one_of(mutated_files(), st.binary(max_size=512)))
+def test_decoding_untrusted_bytes_returns_rgb_or_image_error(data):
+    try:
+        img = load_image(data)
+    except ImageError as e:
+        assert e.hint and e.kind
+        return
+    _check_image(img)
+
+
+ARRAY_DTYPES = st.sampled_from([np.uint8, np.uint16, np.float32, np.int64, np.bool_])
+
+
+@FUZZ
+@given(st.lists(st.integers(0, 9), min_size=0, max_size=4), ARRAY_DTYPES, st.sampled_from(["rgb", "bgr", "BGR", "xyz"]))
+def test_arrays_of_any_shape_and_dtype_are_accepted_or_refused_cleanly(shape, dtype, order):
+    a = np.zeros(shape, dtype=dtype)
+    try:
+        img = load_image(a, channel_order=order)
+    except ImageError as e:
+        assert e.kind == "bad_array" and e.hint
+        return
+    _check_image(img)
+    assert a.dtype == np.uint8 and a.ndim in (2, 3)
+
+
+@st.composite
+def preprocess_specs(draw):
+    resize = draw(st.sampled_from(["crop", "stretch"]))
+    h = draw(st.integers(8, 96))
+    w = h if resize == "crop" else draw(st.integers(8, 96))
+    return Preprocess(height=h, width=w, resize=resize, crop_ratio=draw(st.floats(0.1, 1.0)),
+                      interpolation=draw(st.sampled_from(["nearest", "bilinear", "bicubic"])),
+                      mean=tuple(draw(st.floats(0, 1)) for _ in range(3)),
+                      std=tuple(draw(st.floats(0.01, 2)) for _ in range(3)))
+
+
+@FUZZ
+@given(preprocess_specs(), st.integers(1, 300), st.integers(1, 300), st.sampled_from(["L", "RGB", "RGBA", "P", "I;16"]))
+def test_preprocessing_any_image_gives_the_model_shape_and_finite_values(p, w, h, mode):
+    rng = np.random.default_rng(w * 1000 + h)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(img).astype(np.uint16) * 257)
+    x = preprocess(img, p)
+    assert x.shape == (1, 3, p.height, p.width) and x.dtype == np.float32
+    assert np.isfinite(x).all()
+
+
+VALID_META = ModelMeta(labels=("a", "b"), preprocess=Preprocess(), provenance=Provenance("resnet18")).to_dict()
+JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
+                        st.text(max_size=8))
+JSON = st.recursive(JSON_LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                    max_leaves=12)
+
+
+@st.composite
+def mutated_meta(draw):
+    """The valid metadata document with one field deleted or replaced by arbitrary JSON, at any depth."""
+    doc = json.loads(json.dumps(VALID_META))
+    node = doc
+    while isinstance(node, dict) and node and draw(st.booleans()):
+        key = draw(st.sampled_from(sorted(node)))
+        if not isinstance(node[key], dict):
+            break
+        node = node[key]
+    if isinstance(node, dict) and node:
+        key = draw(st.sampled_from(sorted(node)))
+        if draw(st.booleans()):
+            del node[key]
+        else:
+            node[key] = draw(JSON)
+    return json.dumps(doc)
+
+
+@FUZZ
+@given(st.one_of(mutated_meta(), JSON.map(json.dumps), st.text(max_size=64)))
+def test_metadata_parses_or_is_refused_with_metadata_error(text):
+    try:
+        meta = ModelMeta.from_json(text)
+    except MetadataError as e:
+        assert e.hint
+        return
+    # Whatever parsed is a usable contract: round-trips, and its preprocessing is valid.
+    assert ModelMeta.from_json(meta.to_json()) == meta
+    meta.preprocess.validate()
+    assert len(meta.labels) >= 2
+
+
+@pytest.mark.parametrize("seed", range(len(SEEDS)))
+def test_every_seed_file_decodes(seed):
+    _check_image(load_image(SEEDS[seed]))
