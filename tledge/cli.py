@@ -147,7 +147,9 @@ def _weights(value: str) -> str:
 @click.option("--vflip", is_flag=True, help="Also flip vertically (inspection, microscopy, top-down images).")
 @click.option("--crop-scale", type=click.FloatRange(0.05, 1.0), default=0.35, show_default=True,
               help="Random crops keep at least this fraction of the image; 0.8 when defects are small.")
-@click.option("--train-bn", is_flag=True, help="Update BatchNorm statistics while fine-tuning (default: keep ImageNet's).")
+@click.option("--train-bn", is_flag=True, help="Update BatchNorm statistics while fine-tuning (default: fixed).")
+@click.option("--no-adapt-bn", "adapt_bn", flag_value=False, default=True,
+              help="Keep ImageNet's BatchNorm statistics (default: re-estimate them on the training images first).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,

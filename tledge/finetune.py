@@ -37,12 +37,14 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Splits, load_splits
 from .errors import CheckpointError, ConfigError
 from .imagecache import DecodedImages, decode_images, require_every_class, summarize_skipped, train_geometry
-from .loops import EpochStats, evaluate_logits, infer, train_epoch, train_head_epoch, warmup_cosine
+from .loops import EpochStats, adapt_batchnorm, evaluate_logits, infer, train_epoch, train_head_epoch, warmup_cosine
 from .metrics import confusion_matrix, report
 from .models import Net, create_model, default_preprocess, get_arch
 from .transforms import BatchAugment, Normalize
 
 log = logging.getLogger(__name__)
+
+ADAPT_BN_IMAGES = 1024  # BatchNorm statistics settle well before this many images
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class FinetuneConfig:
     # features computed with the running statistics; batch statistics of a small, domain-shifted
     # batch would change the features under it. Also ~15% faster on CPU.
     train_bn: bool = False
+    adapt_bn: bool = True  # re-estimate BatchNorm statistics on the training images first (AdaBN)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     out: Optional[str] = None  # run folder; default runs/exp, runs/exp2, ...
@@ -171,6 +174,8 @@ def _finetune(cfg: FinetuneConfig, d: dist_utils.Dist, *, resume_ckpt: Optional[
         log.info("resuming after epoch %d of %d (best val accuracy so far %.2f%%)", state.epoch, cfg.epochs,
                  100 * state.best_acc)
 
+    if ckpt is None and cfg.adapt_bn and cfg.weights != "none":
+        _adapt_batchnorm(model, train, prep, normalize, cfg, d)
     common = dict(cfg=cfg, d=d, out=out, splits=splits, prep=prep, model=model, val=val, normalize=normalize,
                   state=state, shuffle_gen=shuffle_gen, aug_gen=aug_gen)
     if state.epoch < cfg.head_epochs:
@@ -325,24 +330,44 @@ def _finish(cfg, d, out, splits, prep, val, test, state) -> RunResult:
 def _train_features(net: Net, train: DecodedImages, prep: Preprocess, normalize: Normalize, cfg, d
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of each training image at eval geometry, and of its mirror image."""
-    side = prep.resize_size if prep.resize == "crop" else None
-
-    def eval_view(batch: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        x = batch.permute(0, 3, 1, 2).float()
-        if side is not None:  # the stored square -> shorter side at resize_size -> centre crop
-            x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
-            top, left = (side - prep.height) // 2, (side - prep.width) // 2
-            x = x[:, :, top:top + prep.height, left:left + prep.width]
-        else:
-            x = torch.nn.functional.interpolate(x, size=(prep.height, prep.width), mode="bilinear", antialias=True)
-        if flip:
-            x = x.flip(3)
-        return x.clamp(0, 255).round().permute(0, 2, 3, 1).to(torch.uint8)
-
     views = [_sharded_infer(net.backbone, train.images, normalize, cfg, d, f"train features {i + 1}/2",
-                            view=lambda b, f=bool(i): eval_view(b, f)) for i in range(2)]
+                            view=lambda b, f=bool(i): _eval_view(b, prep, flip=f)) for i in range(2)]
     labels = torch.from_numpy(train.labels)
     return torch.cat(views), torch.cat([labels, labels])
+
+
+def _eval_view(batch: torch.Tensor, prep: Preprocess, flip: bool = False) -> torch.Tensor:
+    """Stored training images (uint8, :func:`train_geometry`) as the eval transform would show them."""
+    x = batch.permute(0, 3, 1, 2).float()
+    if prep.resize == "crop":  # the stored square -> shorter side at resize_size -> centre crop
+        side = prep.resize_size
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+        top, left = (side - prep.height) // 2, (side - prep.width) // 2
+        x = x[:, :, top:top + prep.height, left:left + prep.width]
+    else:
+        x = torch.nn.functional.interpolate(x, size=(prep.height, prep.width), mode="bilinear", antialias=True)
+    if flip:
+        x = x.flip(3)
+    return x.clamp(0, 255).round().permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def _adapt_batchnorm(net: Net, train: DecodedImages, prep: Preprocess, normalize: Normalize, cfg, d) -> None:
+    """Re-estimate every BatchNorm's statistics on the training images (AdaBN) before anything trains.
+
+    ImageNet's statistics describe ImageNet; on grayscale electroluminescence, X-ray or
+    microscopy images the activations have other means and variances. One forward pass in
+    statistics mode fixes that, and because fine-tuning then keeps BatchNorm in inference
+    mode, the head warm-up and the fine-tuning see the same features.
+    """
+    rows = np.arange(d.rank, len(train), d.world)[: max(1, ADAPT_BN_IMAGES // d.world)]
+    n = adapt_batchnorm(net.backbone, train.images, normalize, rows=rows, batch_size=cfg.batch_size, device=d.device,
+                        view=lambda b: _eval_view(b, prep))
+    if d.enabled:  # average the per-process estimates
+        for m in net.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(dist_utils.all_sum(d, m.running_mean.clone()) / d.world)
+                m.running_var.copy_(dist_utils.all_sum(d, m.running_var.clone()) / d.world)
+    log.info("BatchNorm statistics re-estimated on %d training images (%d layers)", len(rows) * d.world, n)
 
 
 def _sharded_infer(module, images, normalize, cfg, d, desc, view=None) -> torch.Tensor:

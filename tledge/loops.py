@@ -60,6 +60,32 @@ def infer(module: nn.Module, images: np.ndarray, normalize: Normalize, *, batch_
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+@torch.no_grad()
+def adapt_batchnorm(module: nn.Module, images: np.ndarray, normalize: Normalize, *, rows: np.ndarray, batch_size: int,
+                    device: torch.device, view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> int:
+    """Replace the running statistics of every BatchNorm in ``module`` by those of ``images[rows]``.
+
+    Statistics mode with ``momentum=None`` makes PyTorch keep a plain cumulative average of the
+    batch statistics; nothing else changes (no gradients, no weights). Returns the layer count.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    module.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[rows[start:start + batch_size]]))
+        if view is not None:
+            batch = view(batch)
+        module(normalize(batch.to(device)))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    module.eval()
+    return len(norms)
+
+
 def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> tuple[float, float]:
     """(mean loss, accuracy) of ``logits`` against ``labels``."""
     if len(labels) == 0:
