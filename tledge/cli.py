@@ -148,8 +148,8 @@ def _weights(value: str) -> str:
 @click.option("--crop-scale", type=click.FloatRange(0.05, 1.0), default=0.35, show_default=True,
               help="Random crops keep at least this fraction of the image; 0.8 when defects are small.")
 @click.option("--train-bn", is_flag=True, help="Update BatchNorm statistics while fine-tuning (default: fixed).")
-@click.option("--no-adapt-bn", "adapt_bn", flag_value=False, default=True,
-              help="Keep ImageNet's BatchNorm statistics (default: re-estimate them on the training images first).")
+@click.option("--adapt-bn", is_flag=True,
+              help="Re-estimate BatchNorm statistics on the training images first (data far from ImageNet).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -226,7 +226,7 @@ def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int
 @click.option("--arch", type=click.Choice(["efficientnet_lite0", "resnet18", "resnet34", "resnet50"]), default=None,
               help="Backbone [default: efficientnet_lite0, offline].")
 @click.option("--img-size", type=click.IntRange(16, 1024), default=None, help="Input size [default: 160].")
-@click.option("--epochs", type=click.IntRange(1, 10_000), default=None, help="Total epochs [default: 12].")
+@click.option("--epochs", type=click.IntRange(1, 10_000), default=None, help="Total epochs [default: 10].")
 @click.option("--freeze-epochs", type=click.IntRange(0, 10_000), default=None, help="Head-only epochs [default: 2].")
 @click.option("--iters", type=click.IntRange(5, 100_000), default=50, show_default=True,
               help="Timed calls per benchmark row.")

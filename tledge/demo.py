@@ -5,9 +5,9 @@ ELPV image folder -> fine-tune EfficientNet-Lite0 (ImageNet weights from a pip p
 the held-out test split -> table, plot and a recommendation. Nothing is downloaded.
 
 The demo's training recipe is tuned for a laptop CPU (see :data:`DEMO_RECIPE`): input
-160 px instead of 224 (2.5x less compute, cracks still visible at 300 -> 160), mild crops
-and vertical flips (a crop that misses the crack would teach the wrong label), and the
-backbone at 0.3x the head's learning rate.
+160 px instead of 224 (half the compute; see benchmarks/RESULTS.md for what 224 px adds),
+mild crops and vertical flips (a crop that misses the crack would teach the wrong
+label), the backbone at half the head's learning rate, 8 fine-tuning epochs.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 # Published ELPV baselines (Deitsch et al., 2019): functional vs defective, 75/25 stratified split.
 BASELINES = {"VGG-19 fine-tuned (Deitsch et al. 2019)": 0.8842, "SVM on KAZE/VGG features (Deitsch et al. 2019)": 0.8244}
 
-DEMO_RECIPE = dict(arch="efficientnet_lite0", img_size=160, epochs=12, freeze_epochs=2, crop_scale=0.8, vflip=True,
-                   backbone_lr_scale=0.3)
+DEMO_RECIPE = dict(arch="efficientnet_lite0", img_size=160, epochs=10, freeze_epochs=2, crop_scale=0.8, vflip=True,
+                   backbone_lr_scale=0.5, patience=0, adapt_bn=True)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,10 @@ class FinetuneConfig:
     # features computed with the running statistics; batch statistics of a small, domain-shifted
     # batch would change the features under it. Also ~15% faster on CPU.
     train_bn: bool = False
-    adapt_bn: bool = True  # re-estimate BatchNorm statistics on the training images first (AdaBN)
+    # Re-estimate BatchNorm statistics on the training images first (AdaBN): for data far from
+    # ImageNet (grayscale EL, X-ray, microscopy) at a few hundred images or more. Off by default:
+    # on tiny datasets the estimates are noisy.
+    adapt_bn: bool = False
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     out: Optional[str] = None  # run folder; default runs/exp, runs/exp2, ...
@@ -174,7 +177,7 @@ def _finetune(cfg: FinetuneConfig, d: dist_utils.Dist, *, resume_ckpt: Optional[
         log.info("resuming after epoch %d of %d (best val accuracy so far %.2f%%)", state.epoch, cfg.epochs,
                  100 * state.best_acc)
 
-    if ckpt is None and cfg.adapt_bn and cfg.weights != "none":
+    if ckpt is None and cfg.adapt_bn and cfg.weights != "none" and len(train) >= 2 * d.world:
         _adapt_batchnorm(model, train, prep, normalize, cfg, d)
     common = dict(cfg=cfg, d=d, out=out, splits=splits, prep=prep, model=model, val=val, normalize=normalize,
                   state=state, shuffle_gen=shuffle_gen, aug_gen=aug_gen)

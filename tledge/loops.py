@@ -76,7 +76,10 @@ def adapt_batchnorm(module: nn.Module, images: np.ndarray, normalize: Normalize,
         m.momentum = None
         m.train()
     for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[rows[start:start + batch_size]]))
+        chunk = rows[start:start + batch_size]
+        if len(chunk) < 2 and start > 0:
+            continue  # a lone last image: batch statistics of one 1x1 map are undefined, and it adds nothing
+        batch = torch.from_numpy(np.ascontiguousarray(images[chunk]))
         if view is not None:
             batch = view(batch)
         module(normalize(batch.to(device)))

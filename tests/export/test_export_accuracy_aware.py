@@ -46,7 +46,7 @@ def test_tight_budget_keeps_the_sensitive_nodes_in_float_and_meets_it(tiny_run, 
     meta = ModelMeta(labels=held_out.meta_labels, preprocess=prep, provenance=Provenance(architecture="outlier"))
     result = export_model(_OutlierFeature(held_out.model).eval(), meta, verify_images=held_out.images,
                           verify_labels=held_out.labels, calib_images=calib,
-                          config=ExportConfig(out=str(tmp_path), int8=True, budget=0.0))
+                          config=ExportConfig(out=str(tmp_path), int8=True, budget=0.0, min_agreement=0.0))
     int8 = result.get("int8")
     aware = int8.details["accuracy_aware"]
     first, last = aware["attempts"][0], aware["attempts"][-1]
@@ -101,3 +101,18 @@ def test_search_doubles_then_bisects_to_the_fewest_float_nodes(needed, limit, tr
         assert not found.met
     else:
         assert found.met and found.float_nodes == tuple(f"n{i}" for i in range(chosen))
+
+
+def test_agreement_is_part_of_the_budget():
+    """Accuracy can hide answers that changed in both directions; the agreement floor cannot."""
+    import numpy as np
+
+    from tledge_export.verify import compare
+
+    labels = np.array([0, 1, 0, 1])
+    reference = np.array([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0]])  # PyTorch: 2 of 4 right
+    swapped = np.array([[0.0, 2.0], [2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])  # every answer changed, still 2 of 4
+    lenient = compare(swapped, reference, labels, Budget.accuracy(0.0))
+    strict = compare(swapped, reference, labels, Budget.accuracy(0.0, min_agreement=99.0))
+    assert lenient.passed and lenient.accuracy == strict.accuracy_reference
+    assert not strict.passed and "agreement with PyTorch 0.00% < 99%" in strict.failures[0]

@@ -24,7 +24,10 @@ TIME_KEYS = ("seconds", "images_per_s")
 
 
 def _comparable(history):
-    return [{k: v for k, v in h.items() if k not in TIME_KEYS} for h in history]
+    """History without timings, floats to 6 significant digits: oneDNN may order a float sum
+    differently between two runs of the same process (1e-7 relative), which is not a different run."""
+    return [{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in h.items() if k not in TIME_KEYS}
+            for h in history]
 
 
 def test_run_writes_everything_and_learns(tiny_run):
@@ -149,3 +152,19 @@ def test_two_process_torchrun_on_cpu(tmp_path):
     # Each fine-tuning epoch covered the training images once, half on each process.
     n_train = len(json.loads((out / "split.json").read_text())["train"])
     assert [h["images"] for h in history[1:]] == [2 * (n_train // 2)] * 2
+
+
+def test_adapt_bn_re_estimates_statistics_and_touches_no_weight(tmp_path):
+    """--adapt-bn: BatchNorm running statistics move to the data's, every learned weight stays ImageNet's."""
+    data = make_dataset(tmp_path / "d", per_class=12)
+    cfg = FinetuneConfig(data=str(data), out=str(tmp_path / "run"),
+                         **{**TINY, "img_size": 64, "epochs": 1, "freeze_epochs": 1, "adapt_bn": True})
+    adapted = model_from_checkpoint(load_checkpoint(finetune(cfg).best)).backbone.state_dict()
+    imagenet = create_model("efficientnet_lite0", 3, "imagenet").backbone.state_dict()
+    moved = [k for k in imagenet if k.endswith("running_mean") and not torch.allclose(adapted[k], imagenet[k])]
+    assert len(moved) >= 40  # (nearly) every BatchNorm layer
+    for k, v in imagenet.items():
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(adapted[k], v, msg=k)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "BatchNorm statistics re-estimated on" in log
