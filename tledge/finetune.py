@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -292,6 +293,8 @@ def _finetune_phase(*, cfg, d, out, splits, prep, model, train, val, normalize, 
 
 def _finish(cfg, d, out, splits, prep, val, test, state) -> RunResult:
     """Evaluate best.pt on val and test, write metrics.json, history.csv and the plots."""
+    if d.main:
+        shutil.rmtree(out / "cache", ignore_errors=True)  # memory-mapped image caches of large datasets
     best_path = out / "best.pt"
     best = load_checkpoint(best_path)
     model = create_model(cfg.arch, len(splits.classes), "none", dropout=cfg.dropout)
