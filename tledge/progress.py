@@ -66,8 +66,11 @@ class _LineProgress:
         elapsed = time.perf_counter() - self.start
         rate = self.n / elapsed if elapsed > 0 else 0.0
         of = f"/{self.total}" if self.total else ""
+        eta = ""
+        if self.total and rate > 0 and self.n < self.total:
+            eta = f", ETA {(self.total - self.n) / rate:.0f}s"
         extra = " ".join(f"{k}={v}" for k, v in self.postfix.items())
-        print(f"{self.desc}: {self.n}{of} {self.unit} [{elapsed:.0f}s, {rate:.1f} {self.unit}/s] {extra}".rstrip(),
+        print(f"{self.desc}: {self.n}{of} {self.unit} [{elapsed:.0f}s, {rate:.1f} {self.unit}/s{eta}] {extra}".rstrip(),
               file=sys.stderr, flush=True)
 
 

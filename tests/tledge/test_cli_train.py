@@ -118,3 +118,22 @@ def test_data_elpv_materializes_the_real_dataset(tmp_path):
     rows = (out / "labels.csv").read_text().splitlines()
     assert rows[0] == "path,split,class,probability,module_type" and len(rows) == 2625
     _one_line_error(run("data", "elpv", str(out)), 1, "not empty", "--overwrite")
+
+
+def test_data_elpv_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "elpv_dataset", None)  # what Python does for a package that is not installed
+    _one_line_error(run("data", "elpv", str(tmp_path / "elpv")), 1, "not installed", "pip install elpv-dataset")
+    assert not (tmp_path / "elpv").exists()
+
+
+def test_line_progress_in_logs_shows_rate_and_eta(capsys, monkeypatch):
+    from tledge.progress import progress
+
+    monkeypatch.setenv("CI", "true")
+    bar = progress(total=10, desc="work", unit="img")
+    bar.interval = 0.0  # emit on every update
+    bar.update(5)
+    bar.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("work: 5/10 img [") and "img/s, ETA" in lines[0]
+    assert "\r" not in "".join(lines)
