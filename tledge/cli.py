@@ -52,13 +52,31 @@ class _Group(click.Group):
                                        "an interrupted finetune continues with --resume --out RUN)") from None
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record, not the one at set-up.
+
+    A handler that kept the stream it was created with would, after a second ``main()`` in the
+    same process (an embedding app, Click's test runner), write to a stream nobody reads.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property wins
+        pass
+
+
 def _setup_logging(quiet: bool = False) -> None:
     """Core modules log; the CLI prints those lines plainly on stderr."""
     root = logging.getLogger("tledge")
-    if not any(getattr(h, "_tledge_cli", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderrHandler) for h in root.handlers):
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._tledge_cli = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
 

@@ -3,11 +3,12 @@
 Numbers per format: max and mean |Δlogit|, top-1 agreement, accuracy of each and the
 accuracy difference in points. Budgets:
 
-- fp32: every logit within ``atol + rtol * |logit|`` of PyTorch's, atol 1e-4, rtol 1e-5.
+- fp32: every logit within ``atol + rtol * |logit|`` of PyTorch's, atol 1e-4, rtol 1e-4.
   Why a relative part: ONNX Runtime and PyTorch sum the products of each convolution in a
   different order, and float32 re-association error grows with the magnitude of the sum;
-  1e-5 is ~80 float32 ulps, enough for 50 layers of re-association at any logit size,
-  while every real export bug seen (wrong op, wrong preprocessing, a dropped layer) moves
+  1e-4 is ~800 float32 ulps. 1e-5 was tried first and failed on a CI machine whose CPU
+  picks other kernels (an EfficientNet-Lite0 at 32 px: 2.6e-4 at a logit of -6.6, 100%
+  agreement), while every real export bug seen (wrong op, wrong preprocessing, a dropped layer) moves
   logits by 1e-2 or more.
 - fp16, int8: the accuracy drop against PyTorch, in points (fp16 0.1, int8 ``--budget``).
 
@@ -23,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 FP32_ATOL = 1e-4
-FP32_RTOL = 1e-5
+FP32_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
