@@ -137,3 +137,22 @@ def test_line_progress_in_logs_shows_rate_and_eta(capsys, monkeypatch):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("work: 5/10 img [") and "img/s, ETA" in lines[0]
     assert "\r" not in "".join(lines)
+
+
+def test_log_lines_reach_the_stderr_of_each_invocation():
+    # CI found this: the handler kept the first invocation's stderr, so a second main() in the same
+    # process (an embedding app, Click's runner) lost its warnings, skip counts among them.
+    import logging
+
+    import click
+
+    from tledge.cli import _setup_logging
+
+    @click.command()
+    def cmd():
+        _setup_logging()
+        logging.getLogger("tledge.data").warning("skipped 1 of 2 images")
+
+    runner = CliRunner()
+    for _ in range(3):
+        assert runner.invoke(cmd, []).output == "skipped 1 of 2 images\n"
