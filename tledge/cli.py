@@ -79,6 +79,9 @@ def _setup_logging(quiet: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
+    # Libraries that call logging.info() at module level give the root logger a handler of its own
+    # (logging.basicConfig); without this every tledge line would then print twice.
+    root.propagate = False
 
 
 def _emit_json(obj: Any) -> None:
