@@ -228,10 +228,23 @@ class ModelMeta:
             raise MetadataError(f"model metadata is {len(text)} bytes, more than the {MAX_METADATA_BYTES} allowed",
                                 hint="this file was not written by tledge export; re-export it")
         try:
-            d = json.loads(text)
+            # NaN, Infinity and 1e999 parse in Python but are not JSON: metadata holding them could not be
+            # written back (found by the long fuzz run).
+            d = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
         except (ValueError, UnicodeDecodeError) as e:
             raise MetadataError(f"model metadata is not valid JSON ({e})", hint="re-export the model with `tledge export`") from None
         return cls.from_dict(d)
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a float")
+    return value
 
 
 def _is_number(v: Any) -> bool:

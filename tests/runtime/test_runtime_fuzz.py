@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from tledge_runtime.errors import ImageError, MetadataError
@@ -146,8 +146,23 @@ def mutated_meta(draw):
     return json.dumps(doc)
 
 
+# Valid metadata but for one verification value; VALUE becomes a float JSON does not have.
+NON_FINITE = json.dumps({
+    "schema_version": 1, "task": "classification", "labels": ["a", "b"],
+    "preprocess": {"height": 224, "width": 224, "resize": "crop", "crop_ratio": 1.0, "interpolation": "bilinear",
+                   "channel_order": "RGB", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "provenance": {"architecture": "resnet18", "checkpoint_sha256": "", "tledge_version": "", "opset": None,
+                   "created": ""},
+    "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "batch": None, "baked_preprocess": False},
+    "output": {"name": "logits", "kind": "logits"}, "precision": "fp32", "quantization": None,
+    "verification": {"": "VALUE"}}).replace('"VALUE"', "VALUE")
+
+
 @FUZZ
 @given(st.one_of(mutated_meta(), JSON.map(json.dumps), st.text(max_size=64)))
+@example(NON_FINITE.replace("VALUE", "Infinity"))  # found by the 20,000-example run: parsed, then unwritable
+@example(NON_FINITE.replace("VALUE", "1e999"))
+@example(NON_FINITE.replace("VALUE", "NaN"))
 def test_metadata_parses_or_is_refused_with_metadata_error(text):
     try:
         meta = ModelMeta.from_json(text)
