@@ -302,8 +302,10 @@ def _budget_hint(fmt: str, parity: Parity, details: dict[str, Any]) -> str:
                 f"the closest attempt kept {len(aware.get('float_nodes', []))}; ")
     else:
         kept = "accuracy-aware int8 kept no node in float (--max-float-nodes 0, or no node ranked); "
-    return (kept + "try --calib-method percentile or entropy, a larger --calib-size, a larger --max-float-nodes, "
-            f"or a looser --budget / --min-agreement; the fp16 export keeps accuracy ({few})")
+    used = details.get("quantization", {}).get("method")
+    others = " or ".join(m for m in METHODS if m != used)
+    return (kept + f"try --calib-method {others}, a larger --calib-size, a larger --max-float-nodes, "
+            f"or a looser --budget / --min-agreement; or ship fp16, which keeps accuracy ({few})")
 
 
 def _quant_dict(q: Quantization) -> dict[str, Any]:
