@@ -13,6 +13,8 @@ same for every format and are reported once, as ``preprocess_ms``.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import os
 import platform
@@ -81,7 +83,24 @@ class BenchResult:
 class _Inputs:
     checkpoint: Optional[Path]
     models: list[Path]
-    missing: list[tuple[str, str]] = field(default_factory=list)  # (file name, precision)
+    missing: list[tuple[str, str, str]] = field(default_factory=list)  # (file name, precision, why)
+
+
+def _not_exported(precision: str) -> str:
+    return f"not exported; run `tledge export --{precision}`" if precision != "fp32" else "not exported; run `tledge export`"
+
+
+def _refused_formats(report: Path) -> dict[str, str]:
+    """Formats the export's report.json says it refused (over budget, failed), with its reason.
+
+    Only a hint for the "missing" rows: an unreadable or foreign report is ignored.
+    """
+    try:
+        formats = json.loads(report.read_text())["formats"]
+        return {f["format"]: f"refused by tledge export ({str(f['status']).replace('_', ' ')}): {f.get('message') or 'see report.json'}"
+                for f in formats if isinstance(f, dict) and f.get("status") not in (None, "ok")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def discover(paths: Sequence[Path]) -> _Inputs:
@@ -106,7 +125,9 @@ def discover(paths: Sequence[Path]) -> _Inputs:
         models = sorted(p for p in export.iterdir() if p.suffix in MODEL_SUFFIXES and not p.name.startswith("."))
         found.models += models
         names = {p.name for p in models}
-        found.missing += [(n, prec) for n, prec in STANDARD_FILES.items() if n not in names]
+        refused = _refused_formats(export / "report.json")
+        found.missing += [(n, prec, refused.get(prec) or _not_exported(prec))
+                          for n, prec in STANDARD_FILES.items() if n not in names]
     if found.checkpoint is None and not found.models:
         raise ConfigError("nothing to benchmark: no best.pt and no .onnx/.engine files found",
                           hint="pass a run folder (runs/exp), its export folder, or model files")
@@ -152,10 +173,8 @@ def benchmark(paths: Sequence[Path], data: Path, *, backends: Sequence[str] = ("
                 reference_pred, result.reference = pred, f"{path.name} ({row.backend})"
             result.rows.append(row)
             preds.append(pred)
-    for name, precision in found.missing:
-        result.rows.append(Row(name, precision, "-", status="missing",
-                               reason=f"not exported; run `tledge export --{precision}`" if precision != "fp32"
-                               else "not exported; run `tledge export`"))
+    for name, precision, why in found.missing:
+        result.rows.append(Row(name, precision, "-", status="missing", reason=why))
         preds.append(None)
     _compare(result.rows, preds, reference_pred, y, budgets)
     result.recommendation = recommend(result.rows, budgets)

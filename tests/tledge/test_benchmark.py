@@ -111,3 +111,18 @@ def test_bad_batch_and_backend_options(exported):
     for extra in (["--batch", "0"], ["--batch", "x"], ["--backend", "cuda9"]):
         result = CliRunner().invoke(main, ["benchmark", str(run), "--data", str(data), *extra])
         assert result.exit_code == 2 and "Error:" in result.output
+
+
+def test_a_format_the_export_refused_says_why_it_is_missing(exported, tmp_path):
+    """The export's report.json names a refused format: the missing row gives that reason, not "run export"."""
+    run, _ = exported
+    export = tmp_path / "export"
+    shutil.copytree(run / "export", export)
+    report = json.loads((export / "report.json").read_text())
+    report["formats"].append({"format": "int8", "status": "over_budget", "file": None,
+                              "message": "top-1 agreement with PyTorch 98.94% < 99%"})
+    (export / "report.json").write_text(json.dumps(report))
+    why = {name: reason for name, _, reason in discover([export]).missing}
+    assert why["model.int8.onnx"] == "refused by tledge export (over budget): top-1 agreement with PyTorch 98.94% < 99%"
+    (export / "report.json").write_text("{not json")  # a broken report is only a lost hint
+    assert "--int8" in {name: reason for name, _, reason in discover([export]).missing}["model.int8.onnx"]
