@@ -18,7 +18,7 @@ def _shape(model: onnx.ModelProto) -> tuple[int, ...]:
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("where, name", [("cli", "model.fp16.onnx"), ("cli", "model.int8-trt.onnx"),
-                                         ("api", "model.fp16.onnx")])
+                                         ("api", "model.fp16.onnx"), ("api", "model.onnx")])
 def test_tensorrt_bound_onnx_parses_and_builds(exported, exported_cli, where, name):
     pytest.importorskip("tensorrt_rtx_bindings")
     folder = exported_cli.out if where == "cli" else exported.out
