@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ def _comparable(history: list[dict]) -> list[dict]:
 
 def finetune_campaign(work: Path, kills_wanted: int, rng: random.Random, env: dict) -> dict:
     from tests.datasets import make_dataset
+    from tests.kills import run_and_kill
 
     from tledge.checkpoint import load_checkpoint
 
@@ -70,19 +70,15 @@ def finetune_campaign(work: Path, kills_wanted: int, rng: random.Random, env: di
     while kills < kills_wanted:
         resuming = (out / "last.pt").exists()
         args = _finetune_args(data, out) + (["--resume"] if resuming else [])
-        proc = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         starts += 1
-        time.sleep(rng.uniform(0.1, 0.9) * span)
-        if proc.poll() is not None:  # it finished before the kill: start over from scratch to keep killing
-            if proc.returncode != 0:
-                raise SystemExit(f"finetune exited {proc.returncode} between kills")
-            (out / "metrics.json").unlink()
+        finished = run_and_kill(_cli(*args), rng.uniform(0.1, 0.9) * span, env)
+        if finished is not None:  # it ended before the kill: start over from scratch to keep killing
+            if finished != 0:
+                raise SystemExit(f"finetune exited {finished} between kills")
             for f in out.iterdir():
                 if f.is_file():
                     f.unlink()
             continue
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
         kills += 1
         resumed_kills += resuming
         if (out / "last.pt").exists():
@@ -125,6 +121,8 @@ def _check_export_folder(folder: Path) -> tuple[list[str], list[str]]:
 
 
 def export_campaign(work: Path, kills_wanted: int, rng: random.Random, env: dict) -> dict:
+    from tests.kills import run_and_kill
+
     run = work / "reference"
     out = work / "export"
     export = _cli("export", str(run / "best.pt"), "--out", str(out), "--fp16", "--int8", "--workers", "1")
@@ -136,12 +134,8 @@ def export_campaign(work: Path, kills_wanted: int, rng: random.Random, env: dict
     problems: list[str] = []
     seen_counts: dict[int, int] = {}
     while kills < kills_wanted:
-        proc = subprocess.Popen(export, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.2, 1.0) * span)
-        if proc.poll() is not None:
-            continue
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        if run_and_kill(export, rng.uniform(0.2, 1.0) * span, env) is not None:
+            continue  # finished before the kill
         kills += 1
         names, bad = _check_export_folder(out)
         checks += 1

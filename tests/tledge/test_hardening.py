@@ -9,7 +9,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from tledge.checkpoint import load_checkpoint
 from tledge.cli import main
 
 from ..datasets import COLOURS, make_dataset, write_images
+from ..kills import run_and_kill
 
 NON_UTF8 = os.fsdecode(b"caf\xe9-latin1.png")  # a file name that is not valid UTF-8
 
@@ -201,13 +201,8 @@ def test_repeated_random_sigkills_then_resume_match_an_uninterrupted_run(tmp_pat
     kills = kills_after_a_checkpoint = 0
     for _ in range(8):
         resuming = (out / "last.pt").exists()
-        proc = subprocess.Popen(cli + (["--resume"] if resuming else []), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
-        time.sleep(rng.uniform(0.25, 0.75) * span)
-        if proc.poll() is not None:
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        if run_and_kill(cli + (["--resume"] if resuming else []), rng.uniform(0.25, 0.75) * span, env) is not None:
+            break  # it finished before the kill
         kills += 1
         kills_after_a_checkpoint += resuming
         if (out / "last.pt").exists():
