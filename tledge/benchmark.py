@@ -14,7 +14,6 @@ same for every format and are reported once, as ``preprocess_ms``.
 from __future__ import annotations
 
 import json
-
 import logging
 import os
 import platform
@@ -87,7 +86,7 @@ class _Inputs:
 
 
 def _not_exported(precision: str) -> str:
-    return f"not exported; run `tledge export --{precision}`" if precision != "fp32" else "not exported; run `tledge export`"
+    return "not exported; run `tledge export" + ("`" if precision == "fp32" else f" --{precision}`")
 
 
 def _refused_formats(report: Path) -> dict[str, str]:
@@ -97,7 +96,8 @@ def _refused_formats(report: Path) -> dict[str, str]:
     """
     try:
         formats = json.loads(report.read_text())["formats"]
-        return {f["format"]: f"refused by tledge export ({str(f['status']).replace('_', ' ')}): {f.get('message') or 'see report.json'}"
+        return {f["format"]: (f"refused by tledge export ({str(f['status']).replace('_', ' ')}): "
+                              f"{f.get('message') or 'see report.json'}")
                 for f in formats if isinstance(f, dict) and f.get("status") not in (None, "ok")}
     except (OSError, ValueError, KeyError, TypeError):
         return {}

@@ -74,6 +74,16 @@ _BACKEND_COLOURS = {"pytorch-eager": "tab:gray", "ort-cpu": "tab:blue", "openvin
 _PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
 
 
+def pareto_front(rows: Sequence[Any]) -> list[Any]:
+    """The rows no other row beats on both latency and accuracy, fastest first."""
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: (r.p50_ms, -r.accuracy)):
+        if r.accuracy > best:
+            front.append(r)
+            best = r.accuracy
+    return front
+
+
 def plot_pareto(rows: Sequence[Any], path: Path, title: str = "accuracy vs latency (batch 1)") -> Path:
     """Accuracy against p50 latency: colour = backend, marker = precision, Pareto front ringed and joined.
 
@@ -84,36 +94,16 @@ def plot_pareto(rows: Sequence[Any], path: Path, title: str = "accuracy vs laten
     plt = _pyplot()
     pts = sorted((r for r in rows if r.p50_ms is not None and r.accuracy is not None), key=lambda r: r.p50_ms)
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
-    front, best = [], -1.0
-    for r in sorted(pts, key=lambda r: (r.p50_ms, -r.accuracy)):
-        if r.accuracy > best:
-            front.append(r)
-            best = r.accuracy
     accs = [100 * r.accuracy for r in pts]
-    span = (max(accs) - min(accs)) if accs else 0.0
-    near_y = max(span * 0.06, 0.05)
-    if accs:  # fixed limits first: stacked labels below are placed in data units
-        pad = max(span * 0.3, 0.15)
+    if accs:  # fixed limits first: stacked labels are placed in data units
+        pad = max((max(accs) - min(accs)) * 0.3, 0.15)
         ax.set_ylim(min(accs) - pad, max(accs) + pad * 0.6)
-    step = (ax.get_ylim()[1] - ax.get_ylim()[0]) * 0.045
-    anchors: list[tuple[float, float, int]] = []  # (latency, accuracy, labels stacked) per cluster
     for r in pts:
-        acc = 100 * r.accuracy
-        ax.scatter(r.p50_ms, acc, color=_BACKEND_COLOURS.get(r.backend, "tab:brown"),
+        ax.scatter(r.p50_ms, 100 * r.accuracy, color=_BACKEND_COLOURS.get(r.backend, "tab:brown"),
                    marker=_PRECISION_MARKERS.get(r.precision, "D"), s=55, zorder=3,
                    edgecolors="tab:red" if r.status == "over budget" else "none", linewidths=1.5)
-        text = f"{r.precision} {r.backend}"
-        # Points at the same accuracy and a similar latency form a cluster: the first is labelled beside
-        # its point, the others in a list under it, each joined to its point by a thin line.
-        i = next((i for i, (x, y, _) in enumerate(anchors) if abs(y - acc) <= near_y and r.p50_ms / x < 1.6), None)
-        if i is None:
-            anchors.append((r.p50_ms, acc, 0))
-            ax.annotate(text, (r.p50_ms, acc), textcoords="offset points", xytext=(7, 5), fontsize=8)
-            continue
-        x, y, n = anchors[i]
-        anchors[i] = (x, y, n + 1)
-        ax.annotate(text, (r.p50_ms, acc), xytext=(x, y - step * (n + 1.2)), fontsize=8,
-                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.55", shrinkA=0, shrinkB=4))
+    _label_points(ax, pts, accs)
+    front = pareto_front(pts)
     if front:
         ax.scatter([r.p50_ms for r in front], [100 * r.accuracy for r in front], s=170, facecolors="none",
                    edgecolors="tab:green", linewidths=1.5, zorder=2)
@@ -121,20 +111,7 @@ def plot_pareto(rows: Sequence[Any], path: Path, title: str = "accuracy vs laten
             ax.step([r.p50_ms for r in front], [100 * r.accuracy for r in front], where="post", color="tab:green",
                     alpha=0.5)
     if pts:
-        from matplotlib.lines import Line2D
-
-        def key(label: str, **style: Any) -> Line2D:
-            return Line2D([], [], linestyle="none", label=label, **{"markersize": 7, **style})
-
-        handles = [key(b, marker="o", color=_BACKEND_COLOURS.get(b, "tab:brown"))
-                   for b in dict.fromkeys(r.backend for r in pts)]
-        handles += [key(p, marker=_PRECISION_MARKERS.get(p, "D"), color="black")
-                    for p in dict.fromkeys(r.precision for r in pts)]
-        handles.append(key("Pareto front", marker="o", markerfacecolor="none", markeredgecolor="tab:green",
-                           markersize=12))
-        if any(r.status == "over budget" for r in pts):
-            handles.append(key("over budget", marker="o", markerfacecolor="none", markeredgecolor="tab:red"))
-        ax.legend(handles=handles, loc="best", fontsize=8)
+        ax.legend(handles=_legend_keys(pts), loc="best", fontsize=8)
     ax.set_xscale("log")
     from matplotlib.ticker import FormatStrFormatter
 
@@ -147,3 +124,39 @@ def plot_pareto(rows: Sequence[Any], path: Path, title: str = "accuracy vs laten
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _label_points(ax: Any, pts: Sequence[Any], accs: Sequence[float]) -> None:
+    """Points at the same accuracy and a similar latency form a cluster: the first is labelled beside
+    its point, the others in a list under it, each joined to its point by a thin line."""
+    near_y = max((max(accs) - min(accs)) * 0.06, 0.05) if accs else 0.05
+    step = (ax.get_ylim()[1] - ax.get_ylim()[0]) * 0.045
+    anchors: list[tuple[float, float, int]] = []  # (latency, accuracy, labels stacked) per cluster
+    for r, acc in zip(pts, accs):
+        text = f"{r.precision} {r.backend}"
+        i = next((i for i, (x, y, _) in enumerate(anchors) if abs(y - acc) <= near_y and r.p50_ms / x < 1.6), None)
+        if i is None:
+            anchors.append((r.p50_ms, acc, 0))
+            ax.annotate(text, (r.p50_ms, acc), textcoords="offset points", xytext=(7, 5), fontsize=8)
+            continue
+        x, y, n = anchors[i]
+        anchors[i] = (x, y, n + 1)
+        ax.annotate(text, (r.p50_ms, acc), xytext=(x, y - step * (n + 1.2)), fontsize=8,
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.55", shrinkA=0, shrinkB=4))
+
+
+def _legend_keys(pts: Sequence[Any]) -> list[Any]:
+    """One key per backend (colour), per precision (marker), the front and, if any, over budget."""
+    from matplotlib.lines import Line2D
+
+    def key(label: str, **style: Any) -> Line2D:
+        return Line2D([], [], linestyle="none", label=label, **{"markersize": 7, **style})
+
+    keys = [key(b, marker="o", color=_BACKEND_COLOURS.get(b, "tab:brown"))
+            for b in dict.fromkeys(r.backend for r in pts)]
+    keys += [key(p, marker=_PRECISION_MARKERS.get(p, "D"), color="black")
+             for p in dict.fromkeys(r.precision for r in pts)]
+    keys.append(key("Pareto front", marker="o", markerfacecolor="none", markeredgecolor="tab:green", markersize=12))
+    if any(r.status == "over budget" for r in pts):
+        keys.append(key("over budget", marker="o", markerfacecolor="none", markeredgecolor="tab:red"))
+    return keys

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import MetadataError
 
@@ -236,7 +236,7 @@ class ModelMeta:
         return cls.from_dict(d)
 
 
-def _not_json(name: str) -> float:
+def _not_json(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
