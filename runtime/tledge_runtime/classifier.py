@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .backends import Backend, open_backend
-from .errors import BackendError, ImageError, TledgeError
+from .errors import BackendError, ImageError, ModelError, TledgeError
 from .image import ImageInput
 from .meta import ModelMeta
 from .preprocess import Normalizer, to_uint8_hwc
@@ -135,22 +135,57 @@ class Classifier:
         out = [self._run_chunk(backend, batch[i:i + self._chunk]) for i in range(0, len(batch), self._chunk)]
         return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes))
 
+    def run_graph(self, tensor: np.ndarray) -> np.ndarray:
+        """The graph's raw output for a batch already in the graph's input format (what Triton clients send).
+
+        ``tensor``: ``N x 3 x H x W`` normalized float (``N x H x W x 3`` uint8 for baked models), the
+        dtype the graph takes. Returns ``N x classes`` logits (or probabilities, per ``meta.output.kind``).
+        """
+        backend = self._live()
+        shape = self.graph_input_shape
+        if not isinstance(tensor, np.ndarray) or tensor.ndim != 4 or tensor.shape[1:] != shape[1:]:
+            got = f"{tensor.dtype} {tensor.shape}" if isinstance(tensor, np.ndarray) else type(tensor).__name__
+            raise ImageError(f"the graph takes an N x {' x '.join(str(d) for d in shape[1:])} {backend.input_dtype} "
+                             f"tensor, got {got}", hint="send the preprocessed tensor the model's metadata describes",
+                             kind="bad_array")
+        tensor = tensor.astype(backend.input_dtype, copy=False)
+        out = [self._run_tensor(backend, tensor[i:i + self._chunk]) for i in range(0, len(tensor), self._chunk)]
+        return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes))
+
+    @property
+    def graph_input_shape(self) -> tuple:
+        """The graph input's shape with the batch axis as None: ``(None, 3, H, W)`` or ``(None, H, W, 3)``."""
+        p = self.meta.preprocess
+        return (None, p.height, p.width, 3) if self._nhwc else (None, 3, p.height, p.width)
+
     def _run_chunk(self, backend: Backend, chunk: np.ndarray) -> np.ndarray:
-        n = len(chunk)
-        if backend.fixed_batch and n < backend.fixed_batch:
-            # A fixed-batch graph takes exactly its batch: pad with copies of the last image, drop their results.
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], backend.fixed_batch - n, axis=0)])
         if self._normalizer is None:
             tensor = chunk  # baked preprocessing: the graph takes uint8 NHWC as it is
         else:
             tensor = self._normalizer(chunk)
             if self._nhwc:
                 tensor = np.ascontiguousarray(tensor.transpose(0, 2, 3, 1))
-        out = np.asarray(backend.run(tensor), dtype=np.float64)[:n]
+        out = self._run_tensor(backend, tensor)
+        return _softmax(out) if self.meta.output.kind == "logits" else out
+
+    def _run_tensor(self, backend: Backend, tensor: np.ndarray) -> np.ndarray:
+        """One chunk of graph input -> float64 graph output, padded to a fixed batch and checked."""
+        n = len(tensor)
+        if backend.fixed_batch and n < backend.fixed_batch:
+            # A fixed-batch graph takes exactly its batch: pad with copies of the last image, drop their results.
+            tensor = np.concatenate([tensor, np.repeat(tensor[-1:], backend.fixed_batch - n, axis=0)])
+        out = np.asarray(backend.run(tensor), dtype=np.float64)
+        # The load check saw the graph's declared shapes; a graph whose output width depends on its input
+        # passes it. Check what came back, every run, before anything indexes the labels with it.
+        if out.ndim != 2 or out.shape[1] != self.meta.num_classes or len(out) < n:
+            raise ModelError(f"{self.path.name}: the model returned an output of shape {out.shape} for a batch of "
+                             f"{n}, the metadata lists {self.meta.num_classes} labels",
+                             hint="the graph does not match its metadata; re-export it with `tledge export`")
+        out = out[:n]
         if not np.all(np.isfinite(out)):
             raise BackendError(f"the model produced non-finite outputs on backend {backend.name}",
                                hint="an fp16 model may overflow on this input; try the fp32 export")
-        return _softmax(out) if self.meta.output.kind == "logits" else out
+        return out
 
     def _best(self, probs: np.ndarray) -> Prediction:
         return self._at(probs, int(np.argmax(probs)))
