@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .engine_file import is_engine_file, read_engine
+from .engine_file import is_engine_file, read_engine, read_engine_meta
 from .errors import BackendError, MetadataError, ModelError
 from .meta import ONNX_KEY, ModelMeta
 
@@ -326,7 +326,7 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
     if not path.is_file():
         raise ModelError(f"{path}: no such model file", hint="check the path")
     if is_engine_file(path):
-        return read_engine(path)[0]
+        return read_engine_meta(path)  # the header only: an engine file may be gigabytes
     ort = _import_onnxruntime()
     return meta_from_session(_session(ort, path, ["CPUExecutionProvider"], [{}], threads=1, optimize=False), path)
 

@@ -1,9 +1,12 @@
 """``tledge-runtime``: predict, info and serve from the command line.
 
 A thin map onto the Python API (argparse, so the device package needs nothing
-more). Every tledge error becomes one line on stderr, ``error: <message> (<hint>)``,
-and exit status 2; a user error never shows a traceback. Logging (the backend
-choice, the server's address) goes to stderr, results to stdout.
+more). Exit status and error line follow :mod:`tledge_runtime.exits`, the same as
+``tledge``: 0 ok, 1 a check failed, 2 bad input or usage, 130 interrupted, and every
+error is one line on stderr, ``error: <message> (<hint>)``, never a traceback.
+Labels, file names and metadata strings come from outside and are printed with their
+control characters escaped. Logging (the backend choice, the server's address) goes
+to stderr, results to stdout.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
-from . import __version__
+from . import __version__, exits
 from .errors import ImageError, TledgeError
+from .text import printable
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = exits.BAD_INPUT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,19 +32,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except TledgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(exits.tledge_error_line(e), file=sys.stderr)
+        return exits.exit_status(e)
     except KeyboardInterrupt:
-        return 130
+        print(exits.error_line("interrupted"), file=sys.stderr)
+        return exits.INTERRUPTED
     except BrokenPipeError:  # `tledge-runtime predict ... | head`: the reader left, nothing is wrong
-        return 0
+        return exits.OK
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with tledge's error line: ``error: <message> (see `<command> --help`)``, exit status 2.
+
+    (argparse's own prints the whole usage block first; sub-command parsers inherit this class.)
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(exits.BAD_INPUT, exits.error_line(message, f"see `{self.prog} --help`") + "\n")
 
 
 class _StderrHandler(logging.Handler):
     """Writes to whatever sys.stderr is at the time (the CLI may run many times in one process, as in tests)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr)
+        print(printable(self.format(record)), file=sys.stderr)  # messages carry file names
 
 
 def _log_to_stderr(level: int) -> None:
@@ -53,7 +68,8 @@ def _log_to_stderr(level: int) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tledge-runtime", description="Run tledge-exported image classifiers.")
+    parser = _Parser(prog="tledge-runtime", description="Run tledge-exported image classifiers.",
+                     epilog="Exit status: 0 ok, 1 a check failed, 2 bad input or usage, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"tledge-runtime {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -124,14 +140,16 @@ def _predict(args: argparse.Namespace) -> int:
                 prepared.append(clf.prepare(path))
                 names.append(str(path))
             except ImageError as e:  # report, carry on with the other images, exit 2 at the end
-                print(f"error: {e}", file=sys.stderr)
+                print(exits.tledge_error_line(e), file=sys.stderr)
                 failed += 1
         probs = clf.infer(np.stack(prepared)) if prepared else []
         k = min(args.topk, len(clf.labels))
-        width = max([len(n) for n in names] + [5])
+        # The table shows names and labels escaped; --json keeps them exact (json.dumps escapes them itself).
+        shown = [printable(n) for n in names]
+        width = max([len(n) for n in shown] + [5])
         if not args.json and names:
             print(f"{'IMAGE':<{width}}  {'LABEL':<16} SCORE" + ("   TOP-K" if k > 1 else ""))
-        for name, row in zip(names, probs):
+        for name, show, row in zip(names, shown, probs):
             top = clf.rank(row, k)
             if args.json:
                 record = {"image": name, **top[0].to_dict()}
@@ -139,9 +157,9 @@ def _predict(args: argparse.Namespace) -> int:
                     record["topk"] = [p.to_dict() for p in top]
                 print(json.dumps(record))
             else:
-                extra = "   " + ", ".join(f"{p.label} {p.score:.4f}" for p in top) if k > 1 else ""
-                print(f"{name:<{width}}  {top[0].label:<16} {top[0].score:.4f}{extra}")
-    return EXIT_USER_ERROR if failed else 0
+                extra = "   " + ", ".join(f"{printable(p.label)} {p.score:.4f}" for p in top) if k > 1 else ""
+                print(f"{show:<{width}}  {printable(top[0].label):<16} {top[0].score:.4f}{extra}")
+    return exits.BAD_INPUT if failed else exits.OK
 
 
 # ------------------------------------------------------------------------- info
@@ -161,7 +179,7 @@ def _info(args: argparse.Namespace) -> int:
         listed = [{"name": b.name, "available": b.available, "detail": b.detail} for b in backends]
         print(json.dumps({"file": str(args.model), "format": fmt, "meta": meta.to_dict(), "auto_backend": auto,
                           "backends": listed}, indent=2))
-        return 0
+        return exits.OK
     p, spec = meta.preprocess, meta.input
     rows = [
         ("file", f"{args.model} ({fmt}, {args.model.stat().st_size / 1e6:.1f} MB)"),
@@ -181,13 +199,13 @@ def _info(args: argparse.Namespace) -> int:
     ]
     if meta.verification:
         rows.append(("verification", json.dumps(meta.verification, sort_keys=True)[:200]))
-    for key, value in rows:
-        print(f"{key:<13} {value}")
+    for key, value in rows:  # every value holds strings from the model file: printed escaped
+        print(f"{key:<13} {printable(value)}")
     print("backends")
     for b in backends:
-        print(f"  {'yes' if b.available else 'no ':<4} {b.name:<13} {b.detail}")
+        print(f"  {'yes' if b.available else 'no ':<4} {b.name:<13} {printable(b.detail)}")
     print(f"auto picks    {auto or 'nothing usable here'}")
-    return 0
+    return exits.OK
 
 
 # ------------------------------------------------------------------------- serve

@@ -9,13 +9,16 @@ lost on the way to a device, so tledge writes ``*.engine`` files as::
     rest                  the serialized engine, byte for byte as TensorRT produced it
 
 The runtime strips the header and hands the rest to ``deserialize_cuda_engine``.
-``tledge-runtime info`` can show the metadata of an engine without TensorRT installed.
+``tledge-runtime info`` can show the metadata of an engine without TensorRT installed, and
+reads only the header to do it (:func:`read_engine_meta`): an engine file may be gigabytes.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import MetadataError, ModelError
 from .fileio import PathLike, atomic_write
@@ -39,25 +42,53 @@ def is_engine_file(path: PathLike) -> bool:
         return False
 
 
+def read_engine_meta(path: PathLike) -> ModelMeta:
+    """The metadata of a tledge engine file: reads the header only (a few KB), whatever the file's size."""
+    with _open(path) as f:
+        return _read_header(f, Path(path))[0]
+
+
 def read_engine(path: PathLike) -> tuple[ModelMeta, bytes]:
-    """Return ``(metadata, serialized engine bytes)`` of a tledge engine file."""
+    """Return ``(metadata, serialized engine bytes)`` of a tledge engine file.
+
+    The header is read and checked first; the engine body is read only when the header is sound.
+    """
     path = Path(path)
+    with _open(path) as f:
+        meta, body_size = _read_header(f, path)
+        if body_size == 0:
+            raise ModelError(f"{path}: engine file holds metadata but no engine", hint="re-export the engine")
+        engine = f.read()
+    return meta, engine
+
+
+def _open(path: PathLike) -> BinaryIO:
     try:
-        blob = path.read_bytes()
+        return open(path, "rb")
     except OSError as e:
         raise ModelError(f"{path}: cannot be read ({e.strerror or e})", hint="check the path") from None
-    if not blob.startswith(MAGIC):
+
+
+def _read_header(f: BinaryIO, path: Path) -> tuple[ModelMeta, int]:
+    """Parse magic, length and metadata from the start of ``f``; returns the metadata and the engine's size in bytes."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(len(MAGIC) + _LEN.size)
+    if not head.startswith(MAGIC):
         raise MetadataError(f"{path}: not a tledge engine file (no tledge header)",
                             hint="build engines with `tledge export --engine`; raw trtexec plans carry no labels")
-    start = len(MAGIC) + _LEN.size
-    if len(blob) < start:
+    if len(head) < len(MAGIC) + _LEN.size:
         raise MetadataError(f"{path}: engine header is truncated", hint="re-export the engine")
-    (n,) = _LEN.unpack_from(blob, len(MAGIC))
-    if n > MAX_METADATA_BYTES or start + n > len(blob):
+    (n,) = _LEN.unpack_from(head, len(MAGIC))
+    start = len(head)
+    # The length comes from the file: check it against the cap and the file's size before reading that much.
+    if n > MAX_METADATA_BYTES or start + n > size:
         raise MetadataError(f"{path}: engine header declares {n} bytes of metadata, file is too short or corrupt",
                             hint="re-export the engine")
-    meta = ModelMeta.from_json(blob[start:start + n])
-    engine = blob[start + n:]
-    if not engine:
-        raise ModelError(f"{path}: engine file holds metadata but no engine", hint="re-export the engine")
-    return meta, engine
+    doc = f.read(n)
+    if len(doc) != n:
+        raise MetadataError(f"{path}: engine header is truncated", hint="re-export the engine")
+    try:
+        meta = ModelMeta.from_json(doc)
+    except MetadataError as e:
+        raise MetadataError(f"{path}: {e.message}", hint=e.hint) from None
+    return meta, size - start - n

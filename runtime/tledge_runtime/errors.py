@@ -1,8 +1,9 @@
 """Error types shared by the whole toolchain.
 
 Every error tledge raises on purpose carries a ``hint``: one sentence that says how
-to fix the problem. Command-line front ends print ``message`` and ``hint`` on one
-line each and exit non-zero; nothing else turns exceptions into text.
+to fix the problem. Both command lines print it as one line, ``error: <message> (<hint>)``,
+and exit 1 for :class:`CheckFailed`, 2 for any other error; nothing else turns
+exceptions into text.
 """
 
 from __future__ import annotations
@@ -42,3 +43,10 @@ class ModelError(TledgeError):
 
 class BackendError(TledgeError):
     """The requested inference backend is not installed or cannot run this model here."""
+
+
+class CheckFailed(TledgeError):
+    """The command ran and what it checked does not hold: an export over budget, a reference-set mismatch.
+
+    The command lines exit with status 1 for it (2 for every other TledgeError: bad input, usage, environment).
+    """

@@ -15,14 +15,28 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NoReturn
 
 from .errors import MetadataError
+from .text import unsafe_chars
 
 SCHEMA_VERSION = 1
 ONNX_KEY = "tledge"  # metadata_props key that holds the JSON document
-MAX_METADATA_BYTES = 1 << 20  # a real document is a few KB; refuse anything absurd
+# A model file is untrusted input: every size it controls is bounded before anything is allocated from it.
+MAX_METADATA_BYTES = 1 << 20  # a real document is a few KB (ImageNet-21k's 21,841 labels fit in 1 MiB)
+MAX_JSON_DEPTH = 16  # a real document nests 4 levels; checked on the text, before json.loads can recurse
+MAX_SIDE = 2048  # model input height/width, pixels (a 2048x2048 float32 tensor is 50 MB)
+MAX_RESIZE_SIDE = 4096  # shorter side of the resize before the centre crop (height / crop_ratio), pixels
+MAX_LABELS = 100_000  # classes; the output row and every label are held per prediction
+MAX_LABEL_CHARS = 256
+MAX_NAME_CHARS = 1024  # tensor names, architecture, versions, dates, quantization node names
+MAX_NAMES = 100_000  # quantization.float_nodes entries
+MAX_VERIFICATION_DEPTH = 6  # levels inside ``verification`` (the parity report nests 3)
+MAX_VERIFICATION_VALUES = 10_000  # numbers, strings, lists and objects inside ``verification``
+MAX_VERIFICATION_CHARS = 4096  # one string (or key) inside ``verification``
+MAX_BATCH = 4096
 
 RESIZE_MODES = ("crop", "stretch")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -58,8 +72,11 @@ class Preprocess:
             values = getattr(self, name)
             _check(isinstance(values, (list, tuple)) and all(_is_number(v) for v in values),
                    f"preprocess {name} must be a list of numbers")
-        _check(_is_number(self.scale) and self.scale > 0, "preprocess scale must be a positive number")
+        _check(_is_number(self.scale) and 0 < self.scale <= 1,
+               "preprocess scale must be a number in (0, 1] (1/255 for 0..1 inputs, 1 for 0..255)")
         _check(_is_number(self.crop_ratio), "preprocess crop_ratio must be a number")
+        _check(all(_is_str(getattr(self, n), 16) for n in ("resize", "interpolation", "channel_order")),
+               "preprocess resize, interpolation and channel_order must be short strings")
         # Tuples even when built from JSON lists, so instances stay hashable and frozen.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -71,15 +88,22 @@ class Preprocess:
         return int(math.floor(self.height / self.crop_ratio + 1e-6))
 
     def validate(self) -> None:
-        _check(isinstance(self.height, int) and isinstance(self.width, int), "preprocess height/width must be integers")
-        _check(8 <= self.height <= 8192 and 8 <= self.width <= 8192, f"input size {self.height}x{self.width} is out of range 8..8192")
+        _check(_is_int(self.height) and _is_int(self.width), "preprocess height/width must be integers")
+        _check(8 <= self.height <= MAX_SIDE and 8 <= self.width <= MAX_SIDE,
+               f"input size {self.height}x{self.width} is out of range 8..{MAX_SIDE}")
         _check(self.resize in RESIZE_MODES, f"unknown resize policy {self.resize!r}; expected one of {RESIZE_MODES}")
         _check(self.resize != "crop" or self.height == self.width, "resize='crop' needs a square input (height == width)")
         _check(0.1 <= self.crop_ratio <= 1.0, f"crop_ratio {self.crop_ratio} must be in 0.1..1.0")
+        # height / crop_ratio is the resize target: 8192 / 0.1 would ask every image for an 81,920-pixel side.
+        _check(self.resize != "crop" or self.resize_size <= MAX_RESIZE_SIDE,
+               f"crop_ratio {self.crop_ratio} with input {self.height} resizes the shorter side to {self.resize_size} "
+               f"pixels, more than {MAX_RESIZE_SIDE}")
         _check(self.interpolation in INTERPOLATIONS, f"unknown interpolation {self.interpolation!r}; expected one of {INTERPOLATIONS}")
         _check(self.channel_order == "RGB", "models are trained on RGB input; channel_order must be 'RGB'")
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (R, G, B)")
-        _check(all(s > 0 for s in self.std), "std values must be positive")
+        # Bounds that keep (value * scale - mean) / std finite in float16/float32 for any 0..255 pixel.
+        _check(all(1e-4 <= s <= 1e4 for s in self.std), "std values must be in 1e-4..1e4")
+        _check(all(abs(m) <= 1e4 for m in self.mean), "mean values must be in -1e4..1e4")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -107,9 +131,12 @@ class InputSpec:
     baked_preprocess: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.layout in LAYOUTS, f"unknown input layout {self.layout!r}")
-        _check(self.dtype in INPUT_DTYPES, f"unknown input dtype {self.dtype!r}")
-        _check(self.batch is None or (isinstance(self.batch, int) and self.batch >= 1), "input batch must be null or >= 1")
+        _check_name(self.name, "input name")
+        _check(_is_str(self.layout, 16) and self.layout in LAYOUTS, f"unknown input layout {_short(self.layout)}")
+        _check(_is_str(self.dtype, 16) and self.dtype in INPUT_DTYPES, f"unknown input dtype {_short(self.dtype)}")
+        _check(self.batch is None or (_is_int(self.batch) and 1 <= self.batch <= MAX_BATCH),
+               f"input batch must be null or in 1..{MAX_BATCH}")
+        _check(isinstance(self.baked_preprocess, bool), "input baked_preprocess must be true or false")
         _check(not self.baked_preprocess or (self.dtype == "uint8" and self.layout == "NHWC"),
                "baked preprocessing implies a uint8 NHWC input")
 
@@ -120,7 +147,8 @@ class OutputSpec:
     kind: str = "logits"  # "logits": softmax is applied by the runtime for scores
 
     def __post_init__(self) -> None:
-        _check(self.kind in OUTPUT_KINDS, f"unknown output kind {self.kind!r}")
+        _check_name(self.name, "output name")
+        _check(_is_str(self.kind, 16) and self.kind in OUTPUT_KINDS, f"unknown output kind {_short(self.kind)}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +164,15 @@ class Quantization:
     float_nodes: tuple[str, ...] = ()  # nodes kept in float by accuracy-aware quantization
 
     def __post_init__(self) -> None:
+        for name in ("target", "method", "activation_type", "weight_type"):
+            _check_name(getattr(self, name), f"quantization {name}")
+        _check(_is_int(self.calibration_images) and 0 <= self.calibration_images <= 10**9,
+               "quantization calibration_images must be an integer in 0..1e9")
+        _check(isinstance(self.per_channel, bool), "quantization per_channel must be true or false")
+        _check(isinstance(self.float_nodes, (list, tuple)) and len(self.float_nodes) <= MAX_NAMES,
+               f"quantization float_nodes must be a list of at most {MAX_NAMES} names")
+        for node in self.float_nodes:
+            _check_name(node, "quantization float_nodes entry")
         object.__setattr__(self, "float_nodes", tuple(self.float_nodes))
 
 
@@ -146,6 +183,13 @@ class Provenance:
     tledge_version: str = ""
     opset: int | None = None
     created: str = ""  # ISO 8601, UTC
+
+    def __post_init__(self) -> None:
+        _check_name(self.architecture, "provenance architecture")
+        for name in ("checkpoint_sha256", "tledge_version", "created"):
+            _check_name(getattr(self, name), f"provenance {name}", empty_ok=True)
+        _check(self.opset is None or (_is_int(self.opset) and 1 <= self.opset <= 1000),
+               "provenance opset must be null or an integer in 1..1000")
 
 
 @dataclass(frozen=True)
@@ -167,10 +211,20 @@ class ModelMeta:
         _check(isinstance(self.labels, (list, tuple)) and all(isinstance(x, str) for x in self.labels),
                "labels must be a list of strings")
         object.__setattr__(self, "labels", tuple(self.labels))
-        _check(self.task == "classification", f"unsupported task {self.task!r}")
+        _check(_is_str(self.task, 64) and self.task == "classification", f"unsupported task {_short(self.task)}")
         _check(len(self.labels) >= 2, "a classifier needs at least 2 labels")
+        _check(len(self.labels) <= MAX_LABELS, f"{len(self.labels)} labels, more than the {MAX_LABELS} allowed")
+        for i, label in enumerate(self.labels):
+            _check_label(i, label)
         _check(len(set(self.labels)) == len(self.labels), "labels must be unique")
-        _check(self.precision in PRECISIONS, f"unknown precision {self.precision!r}")
+        _check(_is_str(self.precision, 16) and self.precision in PRECISIONS, f"unknown precision {_short(self.precision)}")
+        for name, cls in (("preprocess", Preprocess), ("provenance", Provenance), ("input", InputSpec),
+                          ("output", OutputSpec)):
+            _check(isinstance(getattr(self, name), cls), f"metadata field {name!r} must be an object")
+        _check(self.quantization is None or isinstance(self.quantization, Quantization),
+               "metadata field 'quantization' must be an object or null")
+        if self.verification is not None:
+            _check_verification(self.verification)
 
     @property
     def num_classes(self) -> int:
@@ -214,9 +268,6 @@ class ModelMeta:
             body["output"] = _build(OutputSpec, body.get("output", {}), "output")
             if body.get("quantization") is not None:
                 body["quantization"] = _build(Quantization, body["quantization"], "quantization")
-            if body.get("verification") is not None and not isinstance(body["verification"], dict):
-                raise MetadataError("metadata field 'verification' must be an object",
-                                    hint="re-export the model with `tledge export`")
             return _build(cls, body, "model")
         except KeyError as e:
             raise MetadataError(f"model metadata lacks the field {e.args[0]!r}",
@@ -227,6 +278,17 @@ class ModelMeta:
         if len(text) > MAX_METADATA_BYTES:
             raise MetadataError(f"model metadata is {len(text)} bytes, more than the {MAX_METADATA_BYTES} allowed",
                                 hint="this file was not written by tledge export; re-export it")
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MetadataError(f"model metadata is not UTF-8 text ({e.reason} at byte {e.start})",
+                                    hint="re-export the model with `tledge export`") from None
+        # json.loads recurses once per level: 100,000 nested brackets end in RecursionError. Count them first.
+        depth = json_depth(text, MAX_JSON_DEPTH)
+        if depth > MAX_JSON_DEPTH:
+            raise MetadataError(f"model metadata nests more than {MAX_JSON_DEPTH} levels deep",
+                                hint="this file was not written by tledge export; re-export it")
         try:
             # NaN, Infinity and 1e999 parse in Python but are not JSON: metadata holding them could not be
             # written back (found by the long fuzz run).
@@ -234,6 +296,30 @@ class ModelMeta:
         except (ValueError, UnicodeDecodeError) as e:
             raise MetadataError(f"model metadata is not valid JSON ({e})", hint="re-export the model with `tledge export`") from None
         return cls.from_dict(d)
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # brackets inside strings do not nest
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str, stop_after: int | None = None) -> int:
+    """How deep the arrays/objects of a JSON text nest (0 for a scalar), without parsing it.
+
+    Linear in the text and never recursive, so it is safe on any input; counting stops
+    once ``stop_after`` is exceeded. Malformed text gives some number: json.loads refuses it next.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    depth = deepest = 0
+    for ch in brackets:
+        if ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if stop_after is not None and deepest > stop_after:
+                    break
+        else:
+            depth -= 1
+    return deepest
 
 
 def _not_json(name: str) -> NoReturn:
@@ -245,6 +331,61 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text} is out of the range of a float")
     return value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v: Any, max_chars: int) -> bool:
+    return isinstance(v, str) and len(v) <= max_chars
+
+
+def _short(v: Any) -> str:
+    """A value for an error message, cut short: the value came from an untrusted file."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_name(v: Any, what: str, *, empty_ok: bool = False) -> None:
+    _check(isinstance(v, str) and (empty_ok or v) and len(v) <= MAX_NAME_CHARS,
+           f"{what} must be a {'' if empty_ok else 'non-empty '}string of at most {MAX_NAME_CHARS} characters")
+    bad = unsafe_chars(v)
+    _check(not bad, f"{what} {_short(v)} holds control characters ({', '.join(bad)})")
+
+
+def _check_label(i: int, label: str) -> None:
+    _check(0 < len(label) <= MAX_LABEL_CHARS, f"label {i} must have 1..{MAX_LABEL_CHARS} characters, "
+                                              f"it has {len(label)}")
+    # A label is printed by every CLI and server: an escape sequence in it would drive the reader's terminal.
+    bad = unsafe_chars(label)
+    _check(not bad, f"label {i} {_short(label)} holds control characters ({', '.join(bad)})")
+
+
+def _check_verification(v: Any) -> None:
+    """``verification`` is plain JSON (the parity report); bound its shape so nothing printing it can blow up."""
+    _check(isinstance(v, dict), "metadata field 'verification' must be an object")
+    budget = [MAX_VERIFICATION_VALUES]
+    stack = [(v, 1)]
+    while stack:  # iterative: a deep tree built in Python (not parsed) must not recurse either
+        node, depth = stack.pop()
+        budget[0] -= 1
+        _check(budget[0] >= 0, f"verification holds more than {MAX_VERIFICATION_VALUES} values")
+        if isinstance(node, dict):
+            _check(depth <= MAX_VERIFICATION_DEPTH, f"verification nests more than {MAX_VERIFICATION_DEPTH} levels")
+            for key, value in node.items():
+                _check(isinstance(key, str) and len(key) <= MAX_VERIFICATION_CHARS,
+                       f"verification keys must be strings of at most {MAX_VERIFICATION_CHARS} characters")
+                stack.append((value, depth + 1))
+        elif isinstance(node, (list, tuple)):
+            _check(depth <= MAX_VERIFICATION_DEPTH, f"verification nests more than {MAX_VERIFICATION_DEPTH} levels")
+            stack.extend((item, depth + 1) for item in node)
+        elif isinstance(node, str):
+            _check(len(node) <= MAX_VERIFICATION_CHARS,
+                   f"verification strings must have at most {MAX_VERIFICATION_CHARS} characters")
+        else:
+            _check(node is None or isinstance(node, bool) or _is_number(node),
+                   "verification values must be JSON numbers, strings, true/false/null, lists or objects")
 
 
 def _is_number(v: Any) -> bool:
