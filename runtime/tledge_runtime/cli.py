@@ -87,15 +87,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_info)
 
-    p = sub.add_parser("serve", help="serve predictions over HTTP (POST /predict, GET /health, GET /info)")
+    p = sub.add_parser("serve", help="serve the model over HTTP: Open Inference Protocol v2 (as Triton), /predict, "
+                                     "/metrics")
     p.add_argument("model", type=Path, help=".onnx or .engine file")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; any other address needs --token or --insecure)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    p.add_argument("--name", default=None,
+                   help="model name in /v2/models/<name> (default: the name tledge export --triton gives the file)")
+    p.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' (default: $TLEDGE_TOKEN; prefer the variable, "
+                        "a command line is visible to other users)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve off loopback without a token: anyone who reaches the port may run the model")
+    p.add_argument("--ssl-certfile", default=None, help="PEM certificate: serve HTTPS")
+    p.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
     p.add_argument("--max-bytes", type=_positive_int, default=10 << 20,
-                   help="largest image upload in bytes (default: 10 MiB)")
+                   help="largest request body in bytes (default: 10 MiB)")
     p.add_argument("--max-queue", type=_positive_int, default=64,
-                   help="requests in flight before answering 503 (default: 64)")
+                   help="inference requests in flight before answering 503 (default: 64)")
     p.add_argument("--max-batch", type=_positive_int, default=8, help="images per model run under load (default: 8)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a request may take, upload included; slow senders are cut off (default: 30)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds requests in flight may finish after SIGTERM/SIGINT (default: 10)")
     p.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes in each answer (default: 5)")
     _add_model_options(p)
     p.set_defaults(run=_serve)
@@ -212,12 +227,18 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serve import ServeConfig, serve
+    import os
 
-    config = ServeConfig(host=args.host, port=args.port, max_bytes=args.max_bytes, max_queue=args.max_queue,
-                         max_batch=args.max_batch, topk=args.topk)
+    from .serve import Server, ServeConfig, check_exposure
+
+    config = ServeConfig(host=args.host, port=args.port, name=args.name,
+                         token=args.token if args.token is not None else os.environ.get("TLEDGE_TOKEN") or None,
+                         insecure=args.insecure, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                         max_bytes=args.max_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+                         timeout_s=args.timeout, grace_s=args.grace, topk=args.topk)
+    check_exposure(config)  # before the model loads: a refused bind costs nothing
     with _classifier(args) as clf:
-        serve(clf, config)
+        Server(clf, config).run()
     return 0
 
 

@@ -1,367 +1,295 @@
-"""A small HTTP endpoint for gateways, on the standard library only.
+"""``tledge-runtime serve``: the model over HTTP, on uvicorn + starlette (extra ``tledge-runtime[serve]``).
 
-    POST /predict[?topk=K]   body: the image file's bytes  -> {label, index, score, topk, latency_ms}
-    GET  /health             -> {"status": "ok", ...}
-    GET  /info               -> the model's metadata, backend and limits
+    GET  /v2, /v2/health/live, /v2/health/ready           Open Inference Protocol (v2): server
+    GET  /v2/models/<name>[/ready]                        model metadata (tensors as in the Triton repository)
+    POST /v2/models/<name>/infer                          the graph's tensors (JSON or binary), as Triton takes them
+    POST /v2/models/<name>_image/infer                    encoded images as BYTES -> label, score, probabilities
+    POST /predict[?topk=K]                                an image file's bytes -> {label, index, score, topk}
+    GET  /metrics                                         Prometheus
+    GET  /health, /info                                   liveness; the model's metadata and the limits
 
-Each connection gets a thread that reads and decodes its image (the CPU-heavy
-preprocessing runs in parallel); one batcher thread runs the model on whatever
-images are waiting, up to the model's batch, so concurrent requests share one
-inference. Limits make overload a clear answer instead of a crash: a body over
-``max_bytes`` gets 413, more than ``max_queue`` requests in flight get 503, a body
-that is not an image gets 400. Responses close the connection (HTTP/1.0), which
-keeps shutdown simple: on SIGINT/SIGTERM the server stops accepting, finishes the
-requests in flight, and returns.
+``<name>`` defaults to the name ``tledge export --triton`` gives the file (:mod:`.served_model`), so one
+client works against this server and against Triton serving the exported repository.
+
+Secure by default: off loopback the server needs a token (``Authorization: Bearer <token>``) or an
+explicit ``insecure``. Everything a client controls is bounded (see :mod:`.serve_app`): requests in
+flight, body bytes held, the time a request may take from its first header byte to its answer
+(slow senders are cut off), and shutdown, which waits at most ``grace_s`` for requests in flight.
 """
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import logging
-import queue
+import os
 import signal
+import socket
 import threading
-import time
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
+from .engine_file import is_engine_file
+from .errors import TledgeError
+from .served_model import default_name
 
-from . import __version__
-from .classifier import Classifier
-from .errors import ImageError, TledgeError
+if TYPE_CHECKING:
+    from .classifier import Classifier
 
 log = logging.getLogger("tledge_runtime")
 
-_ROUTES = {"/predict": ("POST",), "/health": ("GET",), "/info": ("GET",)}
-_DRAIN_LIMIT = 16 << 20  # bytes read and thrown away after a 413, so the client sees the answer, not a reset
+MIN_TOKEN_CHARS = 16
+_TOKEN_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Where to listen and how much to accept."""
+    """Where to listen, who may ask, and how much to accept."""
 
     host: str = "127.0.0.1"
     port: int = 8080
-    max_bytes: int = 10 << 20  # largest request body (an encoded image), bytes
-    max_queue: int = 64  # requests admitted at once (decoding, waiting or running); more get 503
+    name: Optional[str] = None  # model name in the protocol (default: the Triton repository's name for the file)
+    token: Optional[str] = None  # required as "Authorization: Bearer <token>" (not for liveness/readiness)
+    insecure: bool = False  # serve off loopback without a token: anyone who reaches the port may use the model
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
+    max_bytes: int = 10 << 20  # largest request body, bytes
+    max_queue: int = 64  # inference requests admitted at once (reading, decoding, waiting, running); more get 503
+    body_memory: int = 256 << 20  # request-body bytes admitted at once (declared length, or max_bytes); more get 503
     max_batch: int = 8  # images per model run when requests pile up
-    topk: int = 5  # classes listed in each answer unless ?topk= says otherwise
-    timeout_s: float = 30.0  # socket reads and waiting for a result; slow clients are cut off
+    topk: int = 5  # classes listed in each /predict answer unless ?topk= says otherwise
+    timeout_s: float = 30.0  # a request's whole life: headers, body, decoding, queue, model
+    grace_s: float = 10.0  # on SIGTERM/SIGINT: how long requests in flight may still finish
+    keep_alive_s: float = 5.0  # idle keep-alive connections are closed after this
+    backlog: int = 2048  # connections the kernel queues before accept(): bursts of hundreds connect without resets
+    workers: int = min(8, os.cpu_count() or 2)  # threads decoding images / parsing JSON bodies at once
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_queue", "max_batch", "topk"):
+        for name in ("max_bytes", "max_queue", "body_memory", "max_batch", "topk", "backlog", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TledgeError(f"serve {name} must be a positive integer, got {value!r}", hint="fix the option")
+        for name in ("timeout_s", "grace_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise TledgeError(f"serve {name} must be a positive number of seconds, got {value!r}",
+                                  hint="fix the option")
         if not 0 <= self.port <= 65535:
             raise TledgeError(f"port {self.port} is out of range", hint="use 1..65535, or 0 for any free port")
+        if self.body_memory < self.max_bytes:
+            raise TledgeError(f"serve body_memory ({self.body_memory}) is smaller than max_bytes ({self.max_bytes})",
+                              hint="raise the body memory budget or lower --max-bytes")
+        if self.token is not None and len(self.token) < MIN_TOKEN_CHARS:
+            raise TledgeError(f"the token has {len(self.token)} characters, fewer than the {MIN_TOKEN_CHARS} required",
+                              hint=_TOKEN_HINT)
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise TledgeError("TLS needs both a certificate and its key", hint="pass --ssl-certfile and --ssl-keyfile")
+        if self.name is not None and not _valid_name(self.name):
+            raise TledgeError(f"model name {self.name!r} is not usable in a URL",
+                              hint="use letters, digits, '_' and '-' only")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"
 
 
-class Admission:
-    """A bounded count of requests in flight; ``try_enter`` fails instead of waiting when it is full."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
-        self._lock = threading.Lock()
-        self.in_flight = 0
-
-    def try_enter(self) -> bool:
-        if not self._slots.acquire(blocking=False):
-            return False
-        with self._lock:
-            self.in_flight += 1
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
         return True
-
-    def leave(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
-        self._slots.release()
-
-
-class Batcher:
-    """One thread that runs the model on the prepared images waiting in its queue, several at a time."""
-
-    def __init__(self, classifier: Classifier, max_batch: int):
-        self._classifier = classifier
-        self._max_batch = max(1, min(max_batch, classifier.max_batch))
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="tledge-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, image: np.ndarray) -> Future:
-        """Queue one prepared image (``Classifier.prepare``); the future resolves to its probabilities."""
-        future: Future = Future()
-        self._queue.put((image, future))
-        return future
-
-    def _loop(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is None:
-                break
-            items = [item]
-            while len(items) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                items.append(nxt)
-            try:
-                probs = self._classifier.infer(np.stack([image for image, _ in items]))
-            except BaseException as e:
-                for _, future in items:
-                    future.set_exception(e)
-            else:
-                for (_, future), row in zip(items, probs):
-                    future.set_result(row)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything, so it counts as exposed
 
 
-class PredictionServer(ThreadingHTTPServer):
-    """The HTTP server; ``serve_forever`` in one thread, ``shutdown`` from another, then ``close``."""
+def check_exposure(config: ServeConfig) -> None:
+    """Refuse to serve off loopback without a token unless ``insecure`` says so; log what is exposed."""
+    if is_loopback(config.host):
+        return
+    where = f"{config.host}:{config.port}"
+    if config.token is None and not config.insecure:
+        raise TledgeError(f"refusing to serve on {where} without a token: anyone who can reach it could use the model",
+                          hint="pass --token TOKEN (or set TLEDGE_TOKEN), or --insecure to serve without "
+                               "authentication; " + _TOKEN_HINT)
+    if config.token is None:
+        log.warning("--insecure: anyone who can reach %s may run the model and read its metadata and metrics", where)
+    elif config.ssl_certfile is None:
+        log.warning("serving on %s without TLS: the token travels in clear text (use --ssl-certfile/--ssl-keyfile)",
+                    where)
 
-    daemon_threads = False  # server_close() waits for requests in flight: clean shutdown
-    block_on_close = True
+
+class Server:
+    """The HTTP server for one classifier.
+
+    ``run()`` serves in the calling thread until SIGINT/SIGTERM (when it is the main thread) or
+    ``stop()``; ``start()`` runs it in a thread of its own and returns once it listens (tests,
+    benchmarks, embedding apps). Either way the listening socket is bound in the constructor, so
+    a busy port or a refused exposure is a TledgeError before anything runs.
+    """
 
     def __init__(self, classifier: Classifier, config: ServeConfig):
-        self.classifier = classifier
-        self.config = config
-        self.admission = Admission(config.max_queue)
-        self.batcher = Batcher(classifier, config.max_batch)
-        self.started = time.monotonic()
+        check_exposure(config)
+        uvicorn = _require_extra()
+        from .serve_app import build_app
+
+        self.classifier, self.config = classifier, config
+        self.name = config.name or default_name(classifier.meta, engine=is_engine_file(classifier.path))
+        app, self.state = build_app(classifier, config, self.name)
         try:
-            super().__init__((config.host, config.port), _Handler)
-        except OSError as e:
-            self.batcher.close()
-            raise TledgeError(f"cannot listen on {config.host}:{config.port} ({e.strerror or e})",
-                              hint="pick another --port, or stop the process that holds it") from None
+            uv_config = uvicorn.Config(app, http=_protocol(config.timeout_s), lifespan="off", log_config=None,
+                                       access_log=False, server_header=False, backlog=config.backlog,
+                                       timeout_keep_alive=config.keep_alive_s,
+                                       timeout_graceful_shutdown=config.grace_s,
+                                       ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile)
+            uv_config.load()  # now, so a bad certificate or key fails before the socket is bound
+        except (OSError, ValueError) as e:
+            self.state.batcher.close()
+            raise TledgeError(f"cannot use the TLS certificate/key ({e})",
+                              hint="pass a PEM certificate and its unencrypted PEM key") from None
+        self._server = uvicorn.Server(uv_config)
+        self._sock = _listen(config)
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        return self._sock.getsockname()[1]
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host = self._sock.getsockname()[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"{self.config.scheme}://{host}:{self.port}"
 
-    def close(self) -> None:
-        """After shutdown(): wait for requests in flight, then stop the batcher."""
-        self.server_close()
-        self.batcher.close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: PredictionServer
-    server_version = f"tledge-runtime/{__version__}"
-    protocol_version = "HTTP/1.0"
-    default_request_version = "HTTP/1.0"  # even a garbled request line gets a status line back, not bare HTML
-
-    def setup(self) -> None:
-        self.timeout = self.server.config.timeout_s  # socket timeout: a stalled client cannot hold a thread forever
-        super().setup()
-
-    # ---------------------------------------------------------------- routes
-
-    def do_GET(self) -> None:
-        path = self._route("GET")
-        if path == "/health":
-            self._json(200, {"status": "ok", "backend": self.server.classifier.backend_name,
-                             "in_flight": self.server.admission.in_flight,
-                             "uptime_s": round(time.monotonic() - self.server.started, 1)})
-        elif path == "/info":
-            clf, cfg = self.server.classifier, self.server.config
-            self._json(200, {"model": clf.path.name, "backend": clf.backend_name, "labels": list(clf.labels),
-                             "limits": {"max_bytes": cfg.max_bytes, "max_queue": cfg.max_queue},
-                             "meta": clf.meta.to_dict()})
-
-    def do_POST(self) -> None:
-        if self._route("POST") != "/predict":
-            return
-        cfg = self.server.config
-        length = self._content_length()
-        if length is None:
-            return
-        if length > cfg.max_bytes:
-            self._error(413, f"request body is {length} bytes, more than the {cfg.max_bytes} allowed",
-                        "downscale or recompress the image, or start the server with a larger --max-bytes")
-            self._drain(length)
-            return
-        ctype = self.headers.get("Content-Type", "")
-        if ctype.startswith("multipart/"):
-            self._drain(length)
-            self._error(415, "multipart bodies are not accepted", "POST the image file's bytes as the request body")
-            return
+    def run(self) -> None:
+        """Serve until a signal or ``stop()``; requests in flight get ``grace_s`` to finish; then release everything."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if main:
+            # uvicorn re-raises the signal it caught once it has stopped; a no-op handler underneath it turns
+            # that into a clean return (exit status 0) instead of the default action (death by SIGTERM).
+            previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            k = self._topk()
-        except ValueError as e:
-            self._drain(length)
-            self._error(400, str(e), f"use ?topk=1..{len(self.server.classifier.labels)}")
-            return
-        body = self._read_body(length)
-        if body is None:
-            return
-        if not self.server.admission.try_enter():
-            self._error(503, f"server busy: {cfg.max_queue} requests already in flight", "retry shortly",
-                        headers={"Retry-After": "1"})
-            return
-        try:
-            self._predict(body, k)
+            log.info("serving %s (%s) as %s on %s", self.classifier.path.name, self.classifier.backend_name, self.name,
+                     self.url)
+            self._server.run(sockets=[self._sock])
         finally:
-            self.server.admission.leave()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._close()
+            log.info("server stopped")
 
-    def _predict(self, body: bytes, k: int) -> None:
-        start = time.perf_counter()
-        clf = self.server.classifier
-        try:
-            image = clf.prepare(body)
-            probs = self.server.batcher.submit(image).result(timeout=self.server.config.timeout_s)
-        except ImageError as e:
-            # load_image names in-memory sources "<bytes>"; here they are the request body.
-            self._error(400, e.message.replace("<bytes>", "request body", 1), e.hint)
-            return
-        except FutureTimeout:
-            self._error(503, "the model did not answer in time", "retry shortly; the server is overloaded")
-            return
-        except TledgeError as e:
-            log.error("prediction failed: %s", e)
-            self._error(500, e.message, e.hint)
-            return
-        except Exception:
-            log.exception("unexpected error while predicting")
-            self._error(500, "internal error", "see the server log")
-            return
-        top = clf.rank(probs, k)
-        self._json(200, {**top[0].to_dict(), "topk": [p.to_dict() for p in top],
-                         "latency_ms": round((time.perf_counter() - start) * 1000.0, 3)})
+    def start(self, timeout_s: float = 30.0) -> Server:
+        """Serve in a background thread; returns once the server accepts connections."""
+        self._thread = threading.Thread(target=self.run, name="tledge-serve", daemon=True)
+        self._thread.start()
+        ready = threading.Event()
 
-    do_PUT = do_DELETE = do_PATCH = lambda self: self._route(self.command)
-    do_HEAD = do_OPTIONS = do_PUT
+        def poll() -> None:
+            while self._thread.is_alive() and not self._server.started:
+                ready.wait(0.01)
 
-    # ---------------------------------------------------------------- helpers
+        poll_thread = threading.Thread(target=poll)
+        poll_thread.start()
+        poll_thread.join(timeout_s)
+        if not self._server.started:
+            self.stop()
+            raise TledgeError("the server did not start", hint="see the log above")
+        return self
 
-    def _route(self, method: str) -> Optional[str]:
-        """The path if ``method`` is allowed on it; otherwise answer 404/405 and return None."""
-        path = urlsplit(self.path).path
-        allowed = _ROUTES.get(path)
-        if allowed is None:
-            self._error(404, f"no such endpoint {path!r}", "use POST /predict, GET /health or GET /info")
-            return None
-        if method not in allowed:
-            self._error(405, f"{method} is not allowed on {path}", f"use {' or '.join(allowed)}",
-                        headers={"Allow": ", ".join(allowed)})
-            return None
-        return path
+    def stop(self, timeout_s: Optional[float] = None) -> None:
+        """Ask the server to stop (as SIGTERM does) and wait for it: at most the grace period plus a little."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s if timeout_s is not None else self.config.grace_s + 5.0)
+        else:
+            self._close()
 
-    def _content_length(self) -> Optional[int]:
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            self._error(411, "a Content-Length header is required", "send the image bytes with their length")
-            return None
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self._error(400, f"bad Content-Length {raw!r}", "send a non-negative integer")
-            return None
-        if length == 0:
-            self._error(400, "empty request body", "POST the image file's bytes")
-            return None
-        return length
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.state.batcher.close()
+            self._sock.close()
 
-    def _topk(self) -> int:
-        values = parse_qs(urlsplit(self.path).query).get("topk")
-        if not values:
-            return min(self.server.config.topk, len(self.server.classifier.labels))
-        try:
-            k = int(values[-1])
-        except ValueError:
-            raise ValueError(f"topk must be an integer, got {values[-1]!r}") from None
-        if k < 1:
-            raise ValueError(f"topk must be at least 1, got {k}")
-        return min(k, len(self.server.classifier.labels))
+    def __enter__(self) -> Server:
+        return self.start()
 
-    def _read_body(self, length: int) -> Optional[bytes]:
-        try:
-            body = self.rfile.read(length)
-        except OSError:  # timeout or reset while reading: nobody left to answer
-            self.close_connection = True
-            return None
-        if len(body) != length:
-            self._error(400, f"request body ended after {len(body)} of {length} bytes", "send the whole image")
-            return None
-        return body
-
-    def _drain(self, length: int) -> None:
-        left = min(length, _DRAIN_LIMIT)
-        try:
-            while left > 0:
-                chunk = self.rfile.read(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass
-
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """The base class's errors (bad request line, oversized headers) as JSON like all the others."""
-        self.close_connection = True
-        self._error(code, message or HTTPStatus(code).phrase, explain or "send a well-formed HTTP/1.x request")
-
-    def _error(self, status: int, message: str, hint: Optional[str], headers: Optional[dict] = None) -> None:
-        self._json(status, {"error": message, "hint": hint}, headers)
-
-    def _json(self, status: int, payload: dict, headers: Optional[dict] = None) -> None:
-        body = json.dumps(payload).encode("utf-8")
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-        except OSError:  # the client went away; nothing to tell it
-            self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
-def serve(classifier: Classifier, config: ServeConfig, *,
-          on_ready: Optional[Callable[[PredictionServer], None]] = None) -> None:
-    """Serve until SIGINT/SIGTERM (or ``server.shutdown()``), then finish requests in flight and return."""
-    server = PredictionServer(classifier, config)
-    previous = {}
+def serve(classifier: Classifier, config: ServeConfig, *, on_ready: Optional[Callable[[Server], None]] = None) -> None:
+    """Serve ``classifier`` until SIGINT/SIGTERM, then let requests in flight finish (within the grace period)."""
+    server = Server(classifier, config)
+    if on_ready is not None:
+        on_ready(server)
+    server.run()
 
-    def stop(signum: int, frame: Any) -> None:
-        log.info("%s: finishing requests in flight and stopping", signal.Signals(signum).name)
-        # shutdown() waits for serve_forever() to return, which runs in this (the main) thread: call it from another.
-        threading.Thread(target=server.shutdown, daemon=True).start()
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, stop)
+# ----------------------------------------------------------------------------- plumbing
+
+
+def _require_extra() -> Any:
     try:
-        log.info("serving %s (%s) on %s", classifier.path.name, classifier.backend_name, server.url)
-        if on_ready is not None:
-            on_ready(server)
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.close()
-        log.info("server stopped")
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise TledgeError(f"serve needs {e.name}, which is not installed",
+                          hint="pip install 'tledge-runtime[serve]'") from None
+    return uvicorn
 
+
+def _listen(config: ServeConfig) -> socket.socket:
+    """The listening socket, bound now: a busy port is a clear error, and the backlog absorbs bursts."""
+    try:
+        family = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((config.host, config.port), family=family, backlog=config.backlog)
+    except OSError as e:
+        raise TledgeError(f"cannot listen on {config.host}:{config.port} ({e.strerror or e})",
+                          hint="pick another --port, or stop the process that holds it") from None
+
+
+def _protocol(timeout_s: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline on the headers of each request.
+
+    uvicorn times out idle keep-alive connections but not a client that sends its headers a byte
+    at a time; here a connection that has not completed a request's headers within ``timeout_s``
+    of connecting (or of its previous answer) is closed, so slow senders cannot hold sockets.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineH11Protocol(H11Protocol):
+        _deadline: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout_s, self._expire, self.cycle)
+
+        def _expire(self, cycle: Any) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.transport.close()
+
+    return DeadlineH11Protocol
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    pass

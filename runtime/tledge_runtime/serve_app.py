@@ -1,0 +1,496 @@
+"""The ASGI application of ``tledge-runtime serve`` (starlette): routes, admission, bodies, answers.
+
+Order of work for a request, cheapest refusal first:
+1. the token (:class:`Guard`, before routing: an unknown path without the token is a 401, not a map);
+2. the model name and the declared body size;
+3. admission: a slot among ``max_queue`` and the body's bytes within ``body_memory`` - both before
+   a byte of the body is read, so overload costs neither memory nor decoding;
+4. the body, read against the size limit while it streams and against the request's deadline;
+5. decoding in a bounded pool of threads, then the batcher; a client that disconnects or a
+   deadline that passes while waiting withdraws the job before the model runs it.
+Every answer is JSON (or OIP binary tensors) with a status code, errors included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+
+import anyio
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import __version__, oip
+from . import served_model as sm
+from .engine_file import is_engine_file
+from .errors import ImageError, TledgeError
+from .serve_batch import IMAGES, TENSOR, Batcher, Dropped
+from .serve_metrics import Metrics
+
+if TYPE_CHECKING:
+    from .classifier import Classifier
+    from .serve import ServeConfig
+
+log = logging.getLogger("tledge_runtime")
+
+# Paths anyone may read: liveness and readiness (load balancers and orchestrators probe them without secrets).
+_OPEN = re.compile(r"^/(health|v2/health/(live|ready)|v2/models/[^/]+(/versions/[^/]+)?/ready)$")
+# Endpoint labels of the metrics: a bounded set, whatever paths clients send.
+_ENDPOINTS = [
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$"), "infer"),
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$"), "model_ready"),
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?$"), "model_metadata"),
+    (re.compile(r"^/v2/health/(live|ready)$"), "health"),
+    (re.compile(r"^/v2$"), "server_metadata"),
+    (re.compile(r"^/predict$"), "predict"),
+    (re.compile(r"^/health$"), "health"),
+    (re.compile(r"^/info$"), "info"),
+    (re.compile(r"^/metrics$"), "metrics"),
+]
+
+
+class HTTPError(TledgeError):
+    """An answer other than 200, raised anywhere in a handler and turned into JSON in one place."""
+
+    def __init__(self, status: int, message: str, hint: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message, hint)
+        self.status = status
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class Served:
+    """One model name the server answers to and its tensors (as the Triton repository has them)."""
+
+    name: str
+    platform: str
+    inputs: tuple[sm.TensorSpec, ...]
+    outputs: tuple[sm.TensorSpec, ...]
+    image: bool  # encoded images in (decoded here), else the graph's own tensors
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "versions": ["1"], "platform": self.platform,
+                "inputs": [t.metadata() for t in self.inputs], "outputs": [t.metadata() for t in self.outputs]}
+
+
+@dataclass
+class State:
+    """What every handler shares: the model, the limits, the counters (touched from the event loop only)."""
+
+    classifier: Classifier
+    config: ServeConfig
+    name: str
+    models: dict[str, Served]
+    metrics: Metrics
+    batcher: Batcher
+    limiter: anyio.CapacityLimiter  # threads decoding images / parsing JSON at once: bounds their memory
+    started: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    body_bytes: int = 0
+
+
+def build_app(classifier: Classifier, config: ServeConfig, name: str) -> tuple[Any, State]:
+    """The ASGI app serving ``classifier`` as ``name`` and ``name_image``; returns it and its shared state."""
+    meta = classifier.meta
+    platform = "tensorrt_plan" if is_engine_file(classifier.path) else "onnxruntime_onnx"
+    models = {name: Served(name, platform, sm.graph_inputs(meta), sm.graph_outputs(meta), image=False),
+              name + sm.IMAGE_SUFFIX: Served(name + sm.IMAGE_SUFFIX, "python", sm.image_inputs(meta),
+                                             sm.image_outputs(meta), image=True)}
+    metrics = Metrics({"name": name, "file": classifier.path.name, "backend": classifier.backend_name,
+                       "precision": meta.precision, "architecture": meta.provenance.architecture,
+                       "classes": str(meta.num_classes), "version": __version__})
+    state = State(classifier, config, name, models, metrics, Batcher(classifier, config.max_batch, metrics),
+                  anyio.CapacityLimiter(config.workers))
+    h = _Handlers(state)
+    prefixes = ["/v2/models/{model}", "/v2/models/{model}/versions/{version}"]
+    routes = [Route("/v2", h.server_metadata), Route("/v2/health/live", h.live), Route("/v2/health/ready", h.ready)]
+    for prefix in prefixes:
+        routes += [Route(prefix, h.model_metadata), Route(prefix + "/ready", h.model_ready),
+                   Route(prefix + "/infer", h.infer, methods=["POST"])]
+    routes += [Route("/predict", h.predict, methods=["POST"]), Route("/health", h.health), Route("/info", h.info),
+               Route("/metrics", h.metrics)]
+    handlers = {HTTPException: _http_exception, TledgeError: _tledge_error, Exception: _unexpected}
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    return Observe(Guard(app, config.token), metrics), state
+
+
+# ----------------------------------------------------------------------------- middleware (plain ASGI)
+
+
+class Observe:
+    """Counts every answer by endpoint and status and times it, whatever produced it."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def observed(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            self.metrics.observe(endpoint_of(scope["path"]), status["code"], time.perf_counter() - start)
+
+
+class Guard:
+    """Bearer-token check before routing and before the body: liveness and readiness stay open."""
+
+    def __init__(self, app: Any, token: Optional[str]):
+        self.app = app
+        self._expected = f"Bearer {token}".encode("utf-8") if token else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or self._expected is None or _OPEN.match(scope["path"]):
+            return await self.app(scope, receive, send)
+        sent = b""
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                sent = value
+        if hmac.compare_digest(sent, self._expected):  # constant time: no timing oracle on the token
+            return await self.app(scope, receive, send)
+        message = "missing bearer token" if not sent else "wrong bearer token"
+        response = _error(401, message, "send the header 'Authorization: Bearer <token>' with the server's token",
+                          {"WWW-Authenticate": 'Bearer realm="tledge-runtime"'})
+        await response(scope, receive, send)
+
+
+def endpoint_of(path: str) -> str:
+    for pattern, name in _ENDPOINTS:
+        if pattern.match(path):
+            return name
+    return "other"
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+class _Handlers:
+    def __init__(self, state: State):
+        self.s = state
+
+    # --- open: liveness and readiness
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ok = self.s.batcher.alive
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def model_ready(self, request: Request) -> Response:
+        model = self._model(request)
+        ok = self.s.batcher.alive
+        return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "backend": self.s.classifier.backend_name, "in_flight": self.s.in_flight,
+                             "uptime_s": round(time.monotonic() - self.s.started, 1)})
+
+    # --- metadata (token)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": "tledge-runtime", "version": __version__,
+                             "extensions": ["binary_tensor_data", "classification"]})
+
+    async def model_metadata(self, request: Request) -> Response:
+        return JSONResponse(self._model(request).metadata())
+
+    async def info(self, request: Request) -> Response:
+        clf, cfg = self.s.classifier, self.s.config
+        return JSONResponse({"model": clf.path.name, "names": list(self.s.models), "backend": clf.backend_name,
+                             "labels": list(clf.labels),
+                             "limits": {"max_bytes": cfg.max_bytes, "max_queue": cfg.max_queue,
+                                        "timeout_s": cfg.timeout_s},
+                             "meta": clf.meta.to_dict()})
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = self.s.metrics.render()
+        return Response(body, media_type=content_type)
+
+    # --- inference (token, admission)
+
+    async def predict(self, request: Request) -> Response:
+        if request.headers.get("content-type", "").startswith("multipart/"):
+            raise HTTPError(415, "multipart bodies are not accepted", "POST the image file's bytes as the request body")
+        k = self._topk(request)
+        return await self._admitted(request, lambda body, deadline: self._predict(request, body, k, deadline))
+
+    async def infer(self, request: Request) -> Response:
+        model = self._model(request)
+        return await self._admitted(request, lambda body, deadline: self._infer(request, model, body, deadline))
+
+    async def _predict(self, request: Request, body: bytes, k: int, deadline: float) -> Response:
+        if not body:
+            raise HTTPError(400, "empty request body", "POST the image file's bytes")
+        start = time.perf_counter()
+        clf = self.s.classifier
+        image = await self._in_thread(_prepare_one, clf, body)
+        probs = await self._run(request, IMAGES, image[None], deadline)
+        top = clf.rank(probs[0], k)
+        return JSONResponse({**top[0].to_dict(), "topk": [p.to_dict() for p in top],
+                             "latency_ms": round((time.perf_counter() - start) * 1000.0, 3)})
+
+    async def _infer(self, request: Request, model: Served, body: bytes, deadline: float) -> Response:
+        req = await self._in_thread(oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH))
+        names = {o.name for o in model.outputs}
+        for o in req.outputs or ():
+            if o.name not in names:
+                raise HTTPError(400, f"model {model.name!r} has no output {o.name!r}", f"ask for {', '.join(sorted(names))}")
+        x = _one_input(req, model)
+        if model.image:
+            images = await self._in_thread(_prepare_many, self.s.classifier, x.array)
+            probs = await self._run(request, IMAGES, images, deadline)
+            results = self._image_outputs(probs)
+        else:
+            spec = model.outputs[0]
+            out = await self._run(request, TENSOR, x.array, deadline)
+            results = {spec.name: out.astype(oip.NUMPY_TYPES[spec.datatype])}
+        return self._oip_response(model, req, results)
+
+    def _image_outputs(self, probs: np.ndarray) -> dict[str, np.ndarray]:
+        best = probs.argmax(axis=1)
+        labels = np.empty((len(probs), 1), dtype=np.object_)
+        labels[:, 0] = [self.s.classifier.labels[i].encode("utf-8") for i in best]
+        return {sm.LABEL_OUTPUT: labels,
+                sm.SCORE_OUTPUT: probs[np.arange(len(probs)), best].astype(np.float32)[:, None],
+                sm.PROBABILITIES_OUTPUT: probs.astype(np.float32)}
+
+    def _oip_response(self, model: Served, req: oip.InferRequest, results: dict[str, np.ndarray]) -> Response:
+        specs = {o.name: o for o in model.outputs}
+        wanted = req.outputs if req.outputs is not None else [oip.RequestedOutput(n, None, 0) for n in results]
+        tensors = []
+        for o in wanted:
+            spec, values = specs[o.name], results[o.name]
+            if o.classification:
+                if not spec.labelled:
+                    raise HTTPError(400, f"output {o.name!r} has no labels to classify with",
+                                    f"ask for classification on {', '.join(s.name for s in model.outputs if s.labelled)}")
+                values = oip.classification(values, self.s.classifier.labels, o.classification)
+                tensors.append(oip.Tensor(o.name, "BYTES", values))
+            else:
+                tensors.append(oip.Tensor(o.name, spec.datatype, values))
+        body, header_length = oip.encode_infer_response(model.name, req, tensors)
+        if header_length is None:
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/octet-stream",
+                        headers={oip.HEADER_LENGTH: str(header_length)})
+
+    # --- the shared path of every inference request
+
+    async def _admitted(self, request: Request, handle: Callable[[bytes, float], Awaitable[Response]]) -> Response:
+        s, cfg = self.s, self.s.config
+        deadline = time.monotonic() + cfg.timeout_s
+        declared = _content_length(request)
+        if declared is not None and declared > cfg.max_bytes:
+            raise _too_large(declared, cfg.max_bytes)
+        reserve = declared if declared is not None else cfg.max_bytes
+        if s.in_flight >= cfg.max_queue:
+            s.metrics.refused.labels("queue").inc()
+            raise HTTPError(503, f"server busy: {cfg.max_queue} requests already in flight", "retry shortly",
+                            {"Retry-After": "1"})
+        if s.body_bytes + reserve > cfg.body_memory:
+            s.metrics.refused.labels("memory").inc()
+            raise HTTPError(503, f"server busy: {s.body_bytes} bytes of request bodies held, the budget is "
+                                 f"{cfg.body_memory}", "retry shortly", {"Retry-After": "1"})
+        s.in_flight += 1
+        s.body_bytes += reserve
+        s.metrics.in_flight.inc()
+        s.metrics.body_bytes.set(s.body_bytes)
+        try:
+            body = await _read_body(request, cfg.max_bytes, deadline)
+            return await handle(body, deadline)
+        finally:
+            s.in_flight -= 1
+            s.body_bytes -= reserve
+            s.metrics.in_flight.dec()
+            s.metrics.body_bytes.set(s.body_bytes)
+
+    async def _in_thread(self, fn: Callable, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.s.limiter)
+
+    async def _run(self, request: Request, kind: str, array: np.ndarray, deadline: float) -> np.ndarray:
+        """The model's answer for ``array``, unless the deadline passes or the client leaves first."""
+        if time.monotonic() >= deadline:
+            raise _late()
+        job = self.s.batcher.submit(kind, array, deadline)
+        answer = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({answer, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if answer in done:
+            return answer.result()
+        job.gone = "disconnected" if gone in done else "deadline"
+        answer.cancel()  # withdraws the job unless the model already runs it
+        if gone in done:
+            raise HTTPError(499, "the client closed the connection", None)
+        raise _late()
+
+    # --- small parsers
+
+    def _model(self, request: Request) -> Served:
+        name = request.path_params["model"]
+        version = request.path_params.get("version")
+        model = self.s.models.get(name)
+        if model is None:
+            raise HTTPError(404, f"no model named {name!r}", f"this server has {', '.join(sorted(self.s.models))}")
+        if version is not None and version != "1":
+            raise HTTPError(404, f"model {name!r} has no version {version!r}", "use version 1, or none")
+        return model
+
+    def _topk(self, request: Request) -> int:
+        labels = len(self.s.classifier.labels)
+        raw = request.query_params.getlist("topk")
+        if not raw:
+            return min(self.s.config.topk, labels)
+        try:
+            k = int(raw[-1])
+        except ValueError:
+            raise HTTPError(400, f"topk must be an integer, got {raw[-1]!r}", f"use ?topk=1..{labels}") from None
+        if k < 1:
+            raise HTTPError(400, f"topk must be at least 1, got {k}", f"use ?topk=1..{labels}")
+        return min(k, labels)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _content_length(request: Request) -> Optional[int]:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    try:  # h11 has checked the syntax already; a second look costs nothing
+        return int(raw)
+    except ValueError:
+        raise HTTPError(400, f"bad Content-Length {raw!r}", "send a non-negative integer") from None
+
+
+async def _read_body(request: Request, max_bytes: int, deadline: float) -> bytes:
+    """The body, read chunk by chunk: never more than ``max_bytes`` held, never past ``deadline``."""
+    chunks, size = [], 0
+    with anyio.move_on_after(max(0.0, deadline - time.monotonic())) as scope:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise HTTPError(499, "the client closed the connection", None)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(size, max_bytes, sent=True)
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+    if scope.cancelled_caught:
+        raise HTTPError(408, "the request body did not arrive before the request deadline",
+                        "send the whole body without pauses; the server cuts off slow senders", {"Connection": "close"})
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _too_large(size: int, limit: int, sent: bool = False) -> HTTPError:
+    what = f"more than {limit} bytes of request body arrived" if sent else f"request body is {size} bytes"
+    return HTTPError(413, f"{what}, more than the {limit} allowed" if not sent else what,
+                     "downscale or recompress the image, or start the server with a larger --max-bytes",
+                     {"Connection": "close"})
+
+
+def _late() -> HTTPError:
+    return HTTPError(503, "the model did not answer within the request deadline", "retry shortly; the server is "
+                     "overloaded", {"Retry-After": "1"})
+
+
+def _prepare_one(clf: Classifier, body: bytes) -> np.ndarray:
+    try:
+        return clf.prepare(body)
+    except ImageError as e:  # load_image names in-memory sources "<bytes>"; here they are the request body
+        raise ImageError(e.message.replace("<bytes>", "request body", 1), e.hint, e.kind) from None
+
+
+def _prepare_many(clf: Classifier, encoded: np.ndarray) -> np.ndarray:
+    prepared = []
+    for i, item in enumerate(encoded.reshape(len(encoded), -1)):
+        if item.size != 1:
+            raise oip.ProtocolError(f"input {sm.IMAGE_INPUT!r}: {item.size} elements in row {i}, one encoded image "
+                                    "per row expected", "send shape [N, 1]")
+        try:
+            prepared.append(clf.prepare(bytes(item[0])))
+        except ImageError as e:
+            raise ImageError(e.message.replace("<bytes>", f"image {i}", 1), e.hint, e.kind) from None
+    return np.stack(prepared)
+
+
+def _one_input(req: oip.InferRequest, model: Served) -> oip.Tensor:
+    spec = model.inputs[0]
+    if len(req.inputs) != 1 or req.inputs[0].name != spec.name:
+        got = ", ".join(repr(t.name) for t in req.inputs)
+        raise HTTPError(400, f"model {model.name!r} takes one input {spec.name!r}, got {got}",
+                        f"send {spec.name!r} as {spec.datatype} {[-1, *spec.dims]}")
+    x = req.inputs[0]
+    if x.datatype != spec.datatype:
+        raise HTTPError(400, f"input {spec.name!r} must be {spec.datatype}, got {x.datatype}",
+                        f"send {spec.datatype} {[-1, *spec.dims]}")
+    shape = x.array.shape
+    dims_ok = tuple(shape[1:]) == spec.dims or (model.image and len(shape) == 1)
+    if len(shape) < 1 or shape[0] < 1 or not dims_ok:
+        raise HTTPError(400, f"input {spec.name!r} has shape {list(shape)}, the model takes {[-1, *spec.dims]}",
+                        "the first axis is the batch; the others must match the model's metadata")
+    return x
+
+
+def _error(status: int, message: str, hint: Optional[str], headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": message, "hint": hint}, status_code=status, headers=headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return _error(405, f"{request.method} is not allowed on {request.url.path}", f"use {allowed}", exc.headers)
+    if exc.status_code == 404:
+        return _error(404, f"no such endpoint {request.url.path!r}",
+                      "use POST /v2/models/<name>/infer, POST /predict, GET /v2/health/ready or GET /metrics")
+    return _error(exc.status_code, str(exc.detail), None, exc.headers)
+
+
+async def _tledge_error(request: Request, exc: Exception) -> Response:
+    """tledge's own errors from a handler: the status says whose fault it is, the body says how to fix it."""
+    assert isinstance(exc, TledgeError)
+    if isinstance(exc, HTTPError):
+        return _error(exc.status, exc.message, exc.hint, exc.headers)
+    if isinstance(exc, oip.ProtocolError):
+        return _error(exc.status, exc.message, exc.hint)
+    if isinstance(exc, ImageError):
+        return _error(400, exc.message, exc.hint)
+    if isinstance(exc, Dropped):
+        return _error(503, exc.message, exc.hint, {"Retry-After": "1"})
+    log.error("%s %s: %s", request.method, request.url.path, exc)
+    return _error(500, exc.message, exc.hint)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    """A bug that escaped a handler: the client still gets JSON with a status; starlette logs the traceback."""
+    return _error(500, "internal error", "see the server log")

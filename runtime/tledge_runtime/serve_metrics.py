@@ -1,0 +1,46 @@
+"""Prometheus metrics of ``tledge-runtime serve``, in a registry of their own (several servers may share a process)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Request latency buckets, seconds: a small model answers in milliseconds, a slow upload in seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    """Requests by endpoint and status, latency, batch sizes, queue depth, dropped work, the model served."""
+
+    def __init__(self, model: dict[str, str]):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("tledge_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("tledge_request_seconds", "time from the request's headers to its answer",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("tledge_batch_size", "images or tensors per model run", buckets=BATCH_BUCKETS,
+                               registry=r)
+        self.in_flight = Gauge("tledge_in_flight", "inference requests admitted and not yet answered", registry=r)
+        self.queue = Gauge("tledge_queue_depth", "jobs waiting for the model", registry=r)
+        self.body_bytes = Gauge("tledge_body_bytes_reserved", "request-body bytes admitted and held", registry=r)
+        self.dropped = Counter("tledge_dropped", "jobs dropped before the model ran them", ["reason"], registry=r)
+        self.refused = Counter("tledge_refused", "requests refused before their body was read", ["reason"],
+                               registry=r)
+        Info("tledge_model", "the model served", registry=r).info(model)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def sample(self, name: str, **labels: Any) -> float:
+        """One sample's current value (tests and the benchmark read the counters this way)."""
+        value = self.registry.get_sample_value(name, labels or None)
+        return 0.0 if value is None else value
