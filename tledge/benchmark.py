@@ -208,9 +208,9 @@ def _read_meta(path: Path) -> Any:
     """The model's metadata, or the error that refuses it (reported as a failed row)."""
     try:
         if path.suffix == ".engine":
-            from tledge_runtime.engine_file import read_engine
+            from tledge_runtime.engine_file import read_engine_meta
 
-            return read_engine(path)[0]
+            return read_engine_meta(path)
         from tledge_runtime.backends import read_meta
 
         return read_meta(path)

@@ -2,8 +2,12 @@
 
 Each command turns its options into arguments of one library call. Errors the user
 can fix (:class:`~tledge.errors.TledgeError`) become one-line messages here, in one
-place (:class:`_Group`), with a non-zero exit; anything else is a bug and keeps its
-traceback. Heavy imports (torch, ...) happen inside the commands so `--help` is fast.
+place (:class:`_Group`); anything else is a bug and keeps its traceback. Exit status
+and error line are those of ``tledge-runtime`` (:mod:`tledge_runtime.exits`): 0 ok,
+1 a check failed (an export over budget), 2 bad input, usage or environment, 130
+interrupted; ``error: <message> (<hint>)`` on stderr. Names that come from files
+(classes, paths) are printed with control characters escaped. Heavy imports (torch,
+...) happen inside the commands so `--help` is fast.
 """
 
 from __future__ import annotations
@@ -15,41 +19,54 @@ from pathlib import Path
 from typing import Any, Optional
 
 import click
+from tledge_runtime import exits
 from tledge_runtime.errors import TledgeError
+from tledge_runtime.text import printable_lines
 
 from . import __version__
 
 _HELP = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
+class _Failed(click.ClickException):
+    """A tledge error on its way out of Click, keeping the status :mod:`tledge_runtime.exits` gives it."""
+
+    def __init__(self, line: str, exit_code: int):
+        super().__init__(line)
+        self.line, self.exit_code = line, exit_code
+
+
 class _Group(click.Group):
-    """Click group that turns tledge's own errors into `Error: <message> (<hint>)`, exit status 1,
-    and prints usage errors (bad option values, missing paths) as one line too, exit status 2."""
+    """Click group that prints every error as one line, `error: <message> (<hint>)`, and exits with
+    the status of :mod:`tledge_runtime.exits` (1 a check failed, 2 bad input or usage, 130 interrupted)."""
 
     def main(self, args: Any = None, prog_name: Optional[str] = None, **kwargs: Any) -> Any:
         if kwargs.get("standalone_mode", True) is False:
             return super().main(args, prog_name, **kwargs)
         try:
             return super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except _Failed as e:
+            click.echo(e.line, err=True)
+            sys.exit(e.exit_code)
         except click.UsageError as e:
             command = e.ctx.command_path if e.ctx else "tledge"
-            click.echo(f"Error: {e.format_message()} (see `{command} --help`)", err=True)
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
+            click.echo(exits.error_line(e.format_message(), f"see `{command} --help`"), err=True)
+            sys.exit(exits.BAD_INPUT)
+        except click.ClickException as e:  # e.g. a file Click could not open: bad input, like a usage error
+            click.echo(exits.error_line(e.format_message()), err=True)
+            sys.exit(exits.BAD_INPUT)
+        except click.Abort:  # Click's word for Ctrl-C (or end of input) outside a command's own code
+            click.echo(exits.error_line("interrupted"), err=True)
+            sys.exit(exits.INTERRUPTED)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except TledgeError as e:
-            raise click.ClickException(str(e)) from None
+            raise _Failed(exits.tledge_error_line(e), exits.exit_status(e)) from None
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted (files written so far are complete; "
-                                       "an interrupted finetune continues with --resume --out RUN)") from None
+            raise _Failed(exits.error_line("interrupted", "files written so far are complete; an interrupted "
+                                           "finetune continues with --resume --out RUN"), exits.INTERRUPTED) from None
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
@@ -71,12 +88,19 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines name classes and files: their control characters are escaped (each line on its own)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable_lines(super().format(record))
+
+
 def _setup_logging(quiet: bool = False) -> None:
     """Core modules log; the CLI prints those lines plainly on stderr."""
     root = logging.getLogger("tledge")
     if not any(isinstance(h, _CurrentStderrHandler) for h in root.handlers):
         handler = _CurrentStderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_PrintableFormatter("%(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     # Libraries that call logging.info() at module level give the root logger a handler of its own
@@ -85,7 +109,12 @@ def _setup_logging(quiet: bool = False) -> None:
 
 
 def _emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    click.echo(json.dumps(obj, indent=2, default=str))  # json.dumps escapes control characters itself
+
+
+def echo(text: Any) -> None:
+    """``click.echo`` for lines that hold names from files (classes, paths): control characters escaped."""
+    click.echo(printable_lines(text))
 
 
 @click.group(cls=_Group, context_settings=_HELP)
@@ -126,7 +155,7 @@ def data_elpv(out: Path, test_split: float, seed: int, overwrite: bool) -> None:
     summary = materialize(out, test_split=test_split, seed=seed, overwrite=overwrite)
     for split, counts in summary.counts.items():
         click.echo(f"{split:5s}: " + ", ".join(f"{n} {c}" for c, n in counts.items()))
-    click.echo(f"wrote {summary.out}")
+    echo(f"wrote {summary.out}")
 
 
 # --- finetune -------------------------------------------------------------------------------------
@@ -205,7 +234,7 @@ def finetune(data: Path, out: Optional[Path], resume: bool, as_json: bool, no_am
     m = result.metrics
     parts = [f"{k.removesuffix('_accuracy')} accuracy {100 * m[k]:.2f}%" for k in ("val_accuracy", "test_accuracy") if k in m]
     click.echo(f"best epoch {m['best_epoch']}: " + ", ".join(parts))
-    click.echo(f"wrote {result.best} (+ last.pt, metrics.json, history.csv, curves.png, confusion.png)")
+    echo(f"wrote {result.best} (+ last.pt, metrics.json, history.csv, curves.png, confusion.png)")
 
 
 # --- evaluate -------------------------------------------------------------------------------------
@@ -231,12 +260,12 @@ def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int
     if as_json:
         _emit_json({**result.report, "data": str(result.data), "skipped": len(result.skipped)})
         return
-    click.echo(f"{result.data}")
-    click.echo(format_report(result.report))
+    echo(f"{result.data}")
+    echo(format_report(result.report))  # per-class rows are named by the checkpoint's classes
     if result.skipped_line:
-        click.echo(result.skipped_line)
+        echo(result.skipped_line)
     if result.plot:
-        click.echo(f"wrote {result.plot}")
+        echo(f"wrote {result.plot}")
 
 
 @main.command(context_settings=_HELP)
@@ -261,7 +290,7 @@ def demo(data: Path, out: Optional[Path], arch: Optional[str], img_size: Optiona
     _setup_logging()
     cfg = with_overrides(DemoConfig(data=str(data), out=str(out) if out else None, bench_iters=iters),
                          arch=arch, img_size=img_size, epochs=epochs, freeze_epochs=freeze_epochs)
-    click.echo(summary(run_demo(cfg)))
+    echo(summary(run_demo(cfg)))
 
 
 from .cli_benchmark import benchmark as _benchmark  # noqa: E402  (registered after main is defined)

@@ -59,7 +59,7 @@ def benchmark(paths: tuple[Path, ...], data: Path, backends: tuple[str, ...], ba
     failed / missing), then the fastest format within its budget.
     """
     from .benchmark import benchmark as run_benchmark, discover, to_markdown
-    from .cli import _setup_logging
+    from .cli import _setup_logging, echo
 
     _setup_logging(quiet=as_json)
     if plot is None:
@@ -72,9 +72,9 @@ def benchmark(paths: tuple[Path, ...], data: Path, backends: tuple[str, ...], ba
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
     m = result.machine
-    click.echo(f"{result.images} images ({result.skipped} skipped); reference: {result.reference or 'none'}; "
+    echo(f"{result.images} images ({result.skipped} skipped); reference: {result.reference or 'none'}; "
                f"{m['cpu']}, {m['cores']} cores; preprocessing {result.preprocess_ms:.1f} ms/image (same for all rows)")
-    click.echo(to_markdown(result))
-    click.echo(f"recommendation: {result.recommendation}")
+    echo(to_markdown(result))  # rows are named by model files
+    echo(f"recommendation: {result.recommendation}")
     if result.plot:
-        click.echo(f"wrote {result.plot}")
+        echo(f"wrote {result.plot}")

@@ -75,9 +75,9 @@ def export(checkpoint: Path, out: Optional[Path], calib: Optional[Path], as_json
     0.1 point of accuracy lost, int8 at most --budget points, both agreeing with PyTorch on at
     least --min-agreement % of the images (accuracy-aware int8: the most sensitive
     nodes stay in float until it holds). A format over budget is not written and the command
-    exits non-zero with the numbers; the other formats are still written.
+    exits with status 1 with the numbers; the other formats are still written.
     """
-    from .cli import _setup_logging
+    from .cli import _setup_logging, echo
     from .exporting import ExportOptions, export_checkpoint
 
     _setup_logging(quiet=as_json)
@@ -87,9 +87,9 @@ def export(checkpoint: Path, out: Optional[Path], calib: Optional[Path], as_json
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
-        click.echo(result.table())
+        echo(result.table())
         written = [f.path.name for f in result.formats if f.ok and f.path]
-        click.echo(f"wrote {result.out}: {', '.join(written) or 'no model'} (+ {result.report.name}"
+        echo(f"wrote {result.out}: {', '.join(written) or 'no model'} (+ {result.report.name}"
                    + (", triton/" if result.triton else "") + ")")
     result.raise_for_failures()
 

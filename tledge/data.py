@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tledge_runtime.image import is_image_file
+from tledge_runtime.text import printable, unsafe_chars
 
 from .errors import DataError
 
@@ -75,6 +76,14 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     if not classes:
         raise DataError(f"{root}: no class folders found",
                         hint="lay the images out as DATA/<class>/<image files>, one folder per class")
+    unsafe = [c for c in classes if unsafe_chars(c)]
+    if unsafe:
+        # A class name becomes a label: printed by every tool, written one per line (labels.txt), stored in
+        # each model. A newline or an escape sequence in it cannot be shown or stored faithfully: refuse it.
+        chars = sorted({ch for c in unsafe for ch in unsafe_chars(c)})
+        raise DataError(f"{root}: class folder name(s) {', '.join(printable(c) for c in unsafe)} hold control "
+                        f"characters ({', '.join(chars)})",
+                        hint="rename those folders with printable characters only")
     found = {c: list_images(root / c) for c in classes}
     empty = [c for c, files in found.items() if not files]
     if empty:

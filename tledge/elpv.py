@@ -6,14 +6,18 @@ electroluminescence images of solar cells, each with an expert's defect probabil
 a cell is ``defective`` when its probability is >= 0.5, else ``functional``, and the images
 are split 75/25 into train/test, stratified by class and module type, with a fixed seed.
 The images are copied from the installed package; they are never part of this repository.
+
+Writes stay inside OUT: a name already there is removed and created afresh (``O_EXCL``,
+which never follows a link), so a symbolic or hard link at that name is replaced, never
+written through; a sub-folder of OUT that is a symbolic link is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,11 +74,13 @@ def materialize(out: Path, *, test_split: float = 0.25, seed: int = 0, overwrite
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["path", "split", "class", "probability", "module_type"])
+    for split in counts:
+        for cls in CLASSES:
+            _own_folder(out, split, cls)
     for split, path, prob, kind in progress(sorted(assignments, key=lambda a: a[1].name), desc="elpv", unit="img"):
         cls = CLASSES[prob >= THRESHOLD]
         dest = out / split / cls / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
+        _write_new(dest, path.read_bytes())
         counts[split][cls] += 1
         writer.writerow([dest.relative_to(out).as_posix(), split, cls, f"{prob:.4f}", kind])
     atomic_write(out / "labels.csv", table.getvalue().encode())
@@ -83,3 +89,24 @@ def materialize(out: Path, *, test_split: float = 0.25, seed: int = 0, overwrite
         "License: CC BY-NC-SA 4.0 (https://creativecommons.org/licenses/by-nc-sa/4.0/)\n"
         "Materialized by `tledge data elpv` from the pip package elpv-dataset.\n").encode())
     return ElpvSummary(out=out, counts=counts)
+
+
+def _write_new(dest: Path, data: bytes) -> None:
+    """Write ``dest`` as a new file: whatever had that name (a file, a link to a file elsewhere) is unlinked first."""
+    dest.unlink(missing_ok=True)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _own_folder(out: Path, *parts: str) -> Path:
+    """``out/part/...`` as real folders: created if missing, refused if one is a symbolic link (it leads out of OUT)."""
+    folder = out
+    out.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        folder = folder / part
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise DataError(f"{folder}: is a symbolic link or a file, not a folder; tledge writes only inside {out}",
+                            hint="remove it, or choose another folder")
+        folder.mkdir(exist_ok=True)
+    return folder

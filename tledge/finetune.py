@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from tledge_runtime.fileio import atomic_write
 from tledge_runtime.meta import Preprocess
+from tledge_runtime.text import printable
 
 from . import __version__
 from . import distributed as dist_utils
@@ -46,6 +46,8 @@ from .transforms import BatchAugment, Normalize
 log = logging.getLogger(__name__)
 
 ADAPT_BN_IMAGES = 1024  # BatchNorm statistics settle well before this many images
+# Written first into every run folder: tledge writes (and removes its cache) only in a folder that holds it.
+RUN_MARKER = ".tledge-run"
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     cfg.validate()
     if cfg.out and (Path(cfg.out) / "last.pt").exists():
         raise ConfigError(f"{cfg.out} already holds a run", hint="add --resume to continue it, or choose another --out")
+    if cfg.out:
+        _check_owned(Path(cfg.out))
     d = dist_utils.setup(cfg.device)
     try:
         return _finetune(cfg, d)
@@ -153,6 +157,8 @@ def _finetune(cfg: FinetuneConfig, d: dist_utils.Dist, *, resume_ckpt: Optional[
     splits = _splits_for(cfg, out, reuse=resume_ckpt is not None)  # bad data fails here, before any file is written
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        if not (out / RUN_MARKER).is_file():  # first, before any other file (resumed pre-marker runs get one too)
+            atomic_write(out / RUN_MARKER, json.dumps({"tledge": __version__, "data": cfg.data}).encode())
         _log_to_file(out / "train.log")
         log.info("run folder %s (tledge %s, torch %s, device %s, %d process(es))", out, __version__,
                  torch.__version__, d.device, d.world)
@@ -230,9 +236,10 @@ def _decode_all(cfg: FinetuneConfig, splits: Splits, prep: Preprocess, out: Path
     if skipped and d.main:
         total = len(splits.train) + len(splits.val) + len(splits.test)
         log.warning("%s (listed in %s)", summarize_skipped(skipped, total), out / "skipped.txt")
-        # surrogateescape: a file name that is not valid UTF-8 is written back as its original bytes
-        lines = "".join(f"{p}\t{kind}\t{msg}\n" for p, kind, msg in skipped)
-        atomic_write(out / "skipped.txt", lines.encode("utf-8", "surrogateescape"))
+        # One line per file, tab-separated: a newline or tab in a file name is escaped (printable), so the
+        # line count is the file count; a name that is not valid UTF-8 shows its bytes as \xNN.
+        lines = "".join("\t".join(printable(v) for v in (p, kind, msg)) + "\n" for p, kind, msg in skipped)
+        atomic_write(out / "skipped.txt", lines.encode("utf-8"))
     return train, val, test
 
 
@@ -294,7 +301,7 @@ def _finetune_phase(*, cfg, d, out, splits, prep, model, train, val, normalize, 
 def _finish(cfg, d, out, splits, prep, val, test, state) -> RunResult:
     """Evaluate best.pt on val and test, write metrics.json, history.csv and the plots."""
     if d.main:
-        shutil.rmtree(out / "cache", ignore_errors=True)  # memory-mapped image caches of large datasets
+        _remove_cache(out / "cache")
     best_path = out / "best.pt"
     best = load_checkpoint(best_path)
     model = create_model(cfg.arch, len(splits.classes), "none", dropout=cfg.dropout)
@@ -470,6 +477,30 @@ def next_free_run_dir(name: str, base: Path = Path("runs")) -> Path:
         if not candidate.exists():
             return candidate
     raise ConfigError(f"{base} holds 10,000 runs named {name}*", hint="pass --out")
+
+
+def _check_owned(out: Path) -> None:
+    """Refuse, before touching it, an existing non-empty ``--out`` that is not a tledge run folder."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out exists and is not a folder", hint="choose another --out")
+    if out.is_dir() and not (out / RUN_MARKER).is_file() and any(out.iterdir()):
+        raise ConfigError(f"{out}: folder is not empty and is not a tledge run (no {RUN_MARKER}); "
+                          "tledge writes only into folders it created",
+                          hint="choose a new or empty --out folder")
+
+
+def _remove_cache(cache: Path) -> None:
+    """Remove the memory-mapped image caches of large datasets: the ``*.u8.npy`` files imagecache wrote,
+    then the folder if nothing else is in it. Never through a symbolic link, never another file."""
+    if cache.is_symlink() or not cache.is_dir():
+        return
+    for f in cache.glob("*.u8.npy"):
+        if f.is_file() and not f.is_symlink():
+            f.unlink(missing_ok=True)
+    try:
+        cache.rmdir()
+    except OSError:  # not empty: someone else's files, left alone
+        pass
 
 
 def _count_skipped(out: Path) -> int:

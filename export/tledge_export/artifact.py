@@ -5,6 +5,10 @@ Every ONNX file carries its :class:`~tledge_runtime.meta.ModelMeta` as JSON in
 the runtime needs the file and nothing else. Files are written with
 :func:`tledge_runtime.fileio.atomic_write`: a crash mid-export leaves the previous file or
 the new one, never a torn one.
+
+An export folder may hold the user's own files: tledge replaces or removes a model file
+only when that file says tledge export wrote it (:func:`written_by_tledge`: the ONNX
+producer stamp, or the engine header), never anything else under the same name.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 from pathlib import Path
 
 import onnx
+from tledge_runtime.engine_file import MAGIC as ENGINE_MAGIC
 from tledge_runtime.fileio import atomic_write
 from tledge_runtime.meta import ONNX_KEY, ModelMeta
 
@@ -29,6 +34,7 @@ FILE_NAMES = {
     "int8-trt": "model.int8-trt.onnx",  # TensorRT flavour: symmetric s8
 }
 REPORT_NAME = "report.json"
+PRODUCER = "tledge-export"  # ModelProto.producer_name of every ONNX file tledge writes
 
 
 def engine_name(onnx_format: str, flavour: str) -> str:
@@ -43,7 +49,7 @@ def embed_meta(model: onnx.ModelProto, meta: ModelMeta) -> onnx.ModelProto:
     del model.metadata_props[:]
     for key, value in keep + [(ONNX_KEY, meta.to_json())]:
         model.metadata_props.add(key=key, value=value)
-    model.producer_name = "tledge-export"
+    model.producer_name = PRODUCER
     model.producer_version = __version__
     return model
 
@@ -103,7 +109,13 @@ def write_file(path: Path, data: bytes) -> Path:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
-    """Serialize ``model`` to ``path`` atomically (nothing half-written survives a crash)."""
+    """Serialize ``model`` to ``path`` atomically (nothing half-written survives a crash).
+
+    A file already at ``path`` is replaced only if tledge export wrote it: anything else is the user's.
+    """
+    if (path.exists() or path.is_symlink()) and not written_by_tledge(path):
+        raise ExportError(f"{path}: exists and was not written by tledge export; it is left as it is",
+                          hint="move that file away, or export to another --out folder")
     data = model.SerializeToString()
     write_file(path, data)
     log.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
@@ -112,7 +124,59 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
 
 def remove_stale(path: Path) -> None:
     """Remove a file an earlier export left under the name of a format that failed now,
-    so the folder never shows an old model next to a report that says this one failed."""
-    if path.exists():
+    so the folder never shows an old model next to a report that says this one failed.
+    A file tledge export did not write (the user's own, or a link) is left alone."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if written_by_tledge(path):
         path.unlink()
         log.warning("removed %s from an earlier export: this export of that format failed", path)
+    else:
+        log.warning("left %s alone: this export of that format failed, and that file is not one tledge wrote", path)
+
+
+def written_by_tledge(path: Path) -> bool:
+    """True for a regular file (not a link) that tledge export wrote: an ONNX model whose producer is
+    ``tledge-export``, or a tledge engine file. Reads the first bytes only."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return head.startswith(ENGINE_MAGIC) or _onnx_producer(head) == PRODUCER.encode()
+
+
+def _onnx_producer(head: bytes) -> bytes | None:
+    """``producer_name`` from the first bytes of a serialized ModelProto (protobuf writes fields in number
+    order: ir_version (1, varint), then producer_name (2, bytes)); None when they are not there."""
+    i = 0
+    while i < len(head):
+        tag, i = _varint(head, i)
+        if tag is None:
+            return None
+        field, wire = tag >> 3, tag & 7
+        if field == 1 and wire == 0:  # ir_version
+            _, i = _varint(head, i)
+            if i is None:
+                return None
+        elif field == 2 and wire == 2:  # producer_name
+            n, i = _varint(head, i)
+            return head[i:i + n] if n is not None and i + n <= len(head) else None
+        else:
+            return None
+    return None
+
+
+def _varint(data: bytes, i: int) -> tuple:
+    """Decode a protobuf varint at ``data[i]``: ``(value, next index)``, or ``(None, None)`` when cut off."""
+    value = shift = 0
+    while i < len(data) and shift < 64:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+    return None, None

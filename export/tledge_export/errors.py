@@ -1,12 +1,13 @@
 """Export errors. All are :class:`tledge_runtime.errors.TledgeError` subclasses with a hint, so
-`tledge export` prints them as one line and exits non-zero (see :mod:`tledge.cli`)."""
+`tledge export` prints them as one line: exit status 1 for :class:`ExportFailed` (the export ran,
+a format failed its check), 2 for the others (see :mod:`tledge_runtime.exits`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tledge_runtime.errors import TledgeError
+from tledge_runtime.errors import CheckFailed, TledgeError
 
 
 class ExportError(TledgeError):
@@ -27,7 +28,7 @@ class Failure:
     hint: str = ""
 
 
-class ExportFailed(ExportError):
+class ExportFailed(ExportError, CheckFailed):
     """Some formats were not written as successes (over budget, or a format unavailable here).
 
     Like Optimum's ``AtolError`` it lists each failing format with its numbers; the

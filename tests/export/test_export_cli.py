@@ -22,7 +22,7 @@ def run(*args: str):
 def _one_line_error(result, code: int, *fragments: str) -> str:
     assert result.exit_code == code, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.output
     assert "Traceback" not in result.output
     for fragment in fragments:
@@ -41,32 +41,32 @@ def test_help():
 def test_bad_checkpoints_are_one_line_errors(tiny_run, tmp_path):
     import torch
 
-    _one_line_error(run(str(tmp_path / "missing.pt")), 1, "no such checkpoint file")
+    _one_line_error(run(str(tmp_path / "missing.pt")), 2, "no such checkpoint file")
     other = tmp_path / "weights.pt"
     torch.save({"conv.weight": torch.zeros(1)}, other)
-    _one_line_error(run(str(other)), 1, "not a tledge checkpoint")
+    _one_line_error(run(str(other)), 2, "not a tledge checkpoint")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(tiny_run.best.read_bytes()[:4000])
-    _one_line_error(run(str(corrupt)), 1, "corrupt or truncated checkpoint")
+    _one_line_error(run(str(corrupt)), 2, "corrupt or truncated checkpoint")
     alone = tmp_path / "alone" / "best.pt"
     alone.parent.mkdir()
     shutil.copy(tiny_run.best, alone)
-    _one_line_error(run(str(alone)), 1, "split.json", "held-out images")
+    _one_line_error(run(str(alone)), 2, "split.json", "held-out images")
     assert not (tmp_path / "alone" / "export").exists()
 
 
 @pytest.mark.parametrize("args, code, fragments", [
     (["--batch", "many"], 2, ["--batch", "neither 'dynamic' nor a batch size"]),
     (["--calib-method", "kl"], 2, ["--calib-method"]),
-    (["--int8", "--engine"], 1, ["--target tensorrt"]),
-    (["--triton", "--batch", "4"], 1, ["dynamic batch"]),
+    (["--int8", "--engine"], 2, ["--target tensorrt"]),
+    (["--triton", "--batch", "4"], 2, ["dynamic batch"]),
 ])
 def test_bad_option_combinations_fail_before_any_work(tiny_run, tmp_path, args, code, fragments):
     _one_line_error(run(str(tiny_run.best), "--out", str(tmp_path / "x"), *args), code, *fragments)
     assert not (tmp_path / "x").exists()
 
 
-def test_int8_over_budget_exits_non_zero_with_the_numbers(tiny_run, exported, tmp_path):
+def test_int8_over_budget_exits_1_with_the_numbers(tiny_run, exported, tmp_path):
     """Calibrated on flat grey images, int8 clips every real activation; one float node cannot save it.
     With a fixed batch of 4 (15 held-out images: the last batch is padded) throughout."""
     calib = tmp_path / "grey"

@@ -39,7 +39,7 @@ def test_cpu_int8_flavour_is_what_the_parser_rejects(exported):
 def test_engine_without_tensorrt_gpu_fails_only_that_format(exported_cli):
     assert exported_cli.exception is None, exported_cli.exception
     assert exported_cli.exit_code == 1
-    errors = [line for line in exported_cli.output.splitlines() if line.startswith("Error: ")]
+    errors = [line for line in exported_cli.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1
     assert "fp16-engine" in errors[0] and "int8-trt-engine" in errors[0]
     trt = find_tensorrt()

@@ -103,14 +103,14 @@ def test_nothing_to_benchmark_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="nothing to benchmark"):
         discover([tmp_path])
     result = CliRunner().invoke(main, ["benchmark", str(tmp_path), "--data", str(tmp_path)])
-    assert result.exit_code == 1 and "nothing to benchmark" in result.output
+    assert result.exit_code == 2 and "nothing to benchmark" in result.output
 
 
 def test_bad_batch_and_backend_options(exported):
     run, data = exported
     for extra in (["--batch", "0"], ["--batch", "x"], ["--backend", "cuda9"]):
         result = CliRunner().invoke(main, ["benchmark", str(run), "--data", str(data), *extra])
-        assert result.exit_code == 2 and "Error:" in result.output
+        assert result.exit_code == 2 and "error: " in result.output
 
 
 def test_a_format_the_export_refused_says_why_it_is_missing(exported, tmp_path):

@@ -22,7 +22,7 @@ def run(*args: str):
 def _one_line_error(result, code: int, *fragments: str) -> None:
     assert result.exit_code == code, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error: ")]
+    errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1, result.output
     assert "Traceback" not in result.output
     for fragment in fragments:
@@ -63,7 +63,7 @@ def test_unusable_data_exits_1_with_one_line_and_writes_nothing(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "only").mkdir(parents=True)
     (tmp_path / "data" / "only" / "a.png").write_bytes(b"")
-    _one_line_error(run("finetune", "data"), 1, "only one class")
+    _one_line_error(run("finetune", "data"), 2, "only one class")
     assert not (tmp_path / "runs").exists()
 
 
@@ -86,13 +86,13 @@ def test_evaluate_refuses_other_files_and_unknown_classes(tiny_run, tmp_path):
     import torch
 
     torch.save({"conv.weight": torch.zeros(1)}, not_ours)
-    _one_line_error(run("evaluate", str(not_ours), str(data)), 1, "not a tledge checkpoint")
+    _one_line_error(run("evaluate", str(not_ours), str(data)), 2, "not a tledge checkpoint")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(tiny_run.best.read_bytes()[:5000])
-    _one_line_error(run("evaluate", str(corrupt), str(data)), 1, "corrupt or truncated checkpoint")
+    _one_line_error(run("evaluate", str(corrupt), str(data)), 2, "corrupt or truncated checkpoint")
     (data / "purple").mkdir()
     (data / "purple" / "p.png").write_bytes(next((data / "red").glob("*.png")).read_bytes())
-    _one_line_error(run("evaluate", str(tiny_run.best), str(data)), 1, "purple", "not classes of this model")
+    _one_line_error(run("evaluate", str(tiny_run.best), str(data)), 2, "purple", "not classes of this model")
 
 
 def test_finetune_cli_json(tmp_path):
@@ -117,12 +117,12 @@ def test_data_elpv_materializes_the_real_dataset(tmp_path):
     assert counts["test"]["defective"] / sum(counts["test"].values()) == pytest.approx(821 / 2624, abs=0.01)
     rows = (out / "labels.csv").read_text().splitlines()
     assert rows[0] == "path,split,class,probability,module_type" and len(rows) == 2625
-    _one_line_error(run("data", "elpv", str(out)), 1, "not empty", "--overwrite")
+    _one_line_error(run("data", "elpv", str(out)), 2, "not empty", "--overwrite")
 
 
 def test_data_elpv_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "elpv_dataset", None)  # what Python does for a package that is not installed
-    _one_line_error(run("data", "elpv", str(tmp_path / "elpv")), 1, "not installed", "pip install elpv-dataset")
+    _one_line_error(run("data", "elpv", str(tmp_path / "elpv")), 2, "not installed", "pip install elpv-dataset")
     assert not (tmp_path / "elpv").exists()
 
 

@@ -138,7 +138,7 @@ def test_runtime_classifies_or_refuses_every_file(nasty, tiny_run, tmp_path):
                            *files, "--json"], capture_output=True, text=True)
     assert "Traceback" not in proc.stderr
     assert len([line for line in proc.stdout.splitlines() if line.startswith("{")]) >= 2
-    assert "zero.jpg" in proc.stderr and proc.returncode != 0
+    assert "zero.jpg" in proc.stderr and proc.returncode == 2
 
 
 def test_a_class_of_only_bad_files_stops_before_training(tmp_path):
@@ -149,7 +149,7 @@ def test_a_class_of_only_bad_files_stops_before_training(tmp_path):
     (bad / "b.png").write_text("nope")
     r = CliRunner().invoke(main, ["finetune", str(data), "--out", str(tmp_path / "run"), "--img-size", "32"])
     _no_traceback(r)
-    assert r.exit_code == 1 and "blue have no readable images" in r.output
+    assert r.exit_code == 2 and "blue have no readable images" in r.output
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
@@ -174,7 +174,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, command):
             "resume": ["finetune", str(data), "--out", str(evil.parent), "--resume"]}[command]
     r = CliRunner().invoke(main, args)
     _no_traceback(r)
-    assert r.exit_code == 1 and "would run code" in r.output
+    assert r.exit_code == 2 and "would run code" in r.output
     assert not marker.exists(), "the pickle payload ran"
 
 
