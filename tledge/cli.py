@@ -24,6 +24,7 @@ from tledge_runtime.errors import TledgeError
 from tledge_runtime.text import printable_lines
 
 from . import __version__
+from .arch_names import ARCH_NAMES, DEFAULT_ARCH
 
 _HELP = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
@@ -168,16 +169,18 @@ def _weights(value: str) -> str:
 
 @main.command(context_settings=_HELP)
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--arch", type=click.Choice(["efficientnet_lite0", "resnet18", "resnet34", "resnet50"]),
-              default="efficientnet_lite0", show_default=True,
-              help="Backbone. efficientnet_lite0's ImageNet weights need no download.")
+@click.option("--arch", type=click.Choice(ARCH_NAMES),
+              default=DEFAULT_ARCH, show_default=True,
+              help="Backbone. The EfficientNet-Lite ImageNet weights need no download.")
 @click.option("--weights", default="imagenet", show_default=True, callback=lambda c, p, v: _weights(v),
               help="imagenet, none (train from scratch), or a state-dict FILE of the architecture.")
 @click.option("--epochs", type=click.IntRange(1, 10_000), default=12, show_default=True,
               help="Total epochs, head warm-up included.")
 @click.option("--freeze-epochs", type=click.IntRange(0, 10_000), default=3, show_default=True,
               help="Head-only epochs on cached backbone features first; >= --epochs trains only the head.")
-@click.option("--img-size", type=click.IntRange(16, 1024), default=224, show_default=True, help="Input size, pixels.")
+@click.option("--img-size", type=click.IntRange(16, 1024), default=None,
+              help="Input size, pixels [default: the arch's ImageNet size: Lite0 224, Lite1 240, Lite2 260, "
+                   "ResNet 224].")
 @click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0), default=1.0, show_default=True,
               help="Eval crop: shorter side to img-size/ratio, then centre crop (ImageNet uses 0.875).")
 @click.option("--batch-size", "-b", type=click.IntRange(1, 8192), default=32, show_default=True)
@@ -273,7 +276,7 @@ def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int
               help="A DATA/{train,test}/<class> folder; written from the elpv-dataset package if missing.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder [default: runs/demo, runs/demo2, ...].")
-@click.option("--arch", type=click.Choice(["efficientnet_lite0", "resnet18", "resnet34", "resnet50"]), default=None,
+@click.option("--arch", type=click.Choice(ARCH_NAMES), default=None,
               help="Backbone [default: efficientnet_lite0, offline].")
 @click.option("--img-size", type=click.IntRange(16, 1024), default=None, help="Input size [default: 160].")
 @click.option("--epochs", type=click.IntRange(1, 10_000), default=None, help="Total epochs [default: 10].")

