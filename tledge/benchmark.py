@@ -348,13 +348,13 @@ def _one_line(e: BaseException) -> str:
 
 
 def _preprocess_ms(paths: Sequence[Path], prep: Preprocess) -> float:
-    from tledge_runtime.preprocess import to_uint8_hwc
+    from tledge_runtime.preprocess import prepare_image
 
     if not paths:
         return 0.0
     t0 = time.perf_counter()
     for p in paths:
-        to_uint8_hwc(p, prep)
+        prepare_image(p, prep)
     return 1e3 * (time.perf_counter() - t0) / len(paths)
 
 

@@ -185,7 +185,7 @@ def _finetune(cfg: FinetuneConfig, d: dist_utils.Dist, *, resume_ckpt: Optional[
                  100 * state.best_acc)
 
     if ckpt is None and cfg.adapt_bn and cfg.weights != "none" and len(train) >= 2 * d.world:
-        _adapt_batchnorm(model, train, prep, normalize, cfg, d)
+        _adapt_batchnorm(model, train, normalize, cfg, d)
     common = dict(cfg=cfg, d=d, out=out, splits=splits, prep=prep, model=model, val=val, normalize=normalize,
                   state=state, shuffle_gen=shuffle_gen, aug_gen=aug_gen)
     if state.epoch < cfg.head_epochs:
@@ -226,7 +226,10 @@ def _splits_for(cfg: FinetuneConfig, out: Path, *, reuse: bool) -> Splits:
 def _decode_all(cfg: FinetuneConfig, splits: Splits, prep: Preprocess, out: Path, d: dist_utils.Dist
                 ) -> tuple[DecodedImages, DecodedImages, DecodedImages]:
     cache = out / "cache"
-    train = decode_images(splits.train, train_geometry(prep), workers=cfg.workers, desc="decode train", memmap_dir=cache)
+    # Training images twice from one decode: larger for augmentation, and at exactly the model input (the
+    # device's view) for the cached head features and AdaBN.
+    train = decode_images(splits.train, train_geometry(prep), prep, workers=cfg.workers, desc="decode train",
+                          memmap_dir=cache)
     val = decode_images(splits.val, prep, workers=cfg.workers, desc="decode val", memmap_dir=cache)
     test = decode_images(splits.test, prep, workers=cfg.workers, desc="decode test", memmap_dir=cache)
     require_every_class(train, splits.classes, "train")
@@ -247,7 +250,7 @@ def _head_phase(*, cfg, d, out, splits, prep, model, train, val, normalize, stat
     """Frozen backbone: features of every training image (and its mirror) once, then the head alone."""
     net = _unwrap(model)
     net.backbone.requires_grad_(False)
-    feats, labels = _train_features(net, train, prep, normalize, cfg, d)
+    feats, labels = _train_features(net, train, normalize, cfg, d)
     val_feats = _sharded_infer(net.backbone, val.images, normalize, cfg, d, "val features")
     val_labels = torch.from_numpy(val.labels)
     head_params = list(net.head.parameters())
@@ -340,31 +343,16 @@ def _finish(cfg, d, out, splits, prep, val, test, state) -> RunResult:
 
 # --- helpers --------------------------------------------------------------------------------------
 
-def _train_features(net: Net, train: DecodedImages, prep: Preprocess, normalize: Normalize, cfg, d
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features of each training image at eval geometry, and of its mirror image."""
-    views = [_sharded_infer(net.backbone, train.images, normalize, cfg, d, f"train features {i + 1}/2",
-                            view=lambda b, f=bool(i): _eval_view(b, prep, flip=f)) for i in range(2)]
+def _train_features(net: Net, train: DecodedImages, normalize: Normalize, cfg, d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of each training image as the device sees it, and of its mirror image."""
+    eval_view = train.views[1]
+    views = [_sharded_infer(net.backbone, eval_view, normalize, cfg, d, f"train features {i + 1}/2",
+                            view=(lambda b: b.flip(2)) if i else None) for i in range(2)]
     labels = torch.from_numpy(train.labels)
     return torch.cat(views), torch.cat([labels, labels])
 
 
-def _eval_view(batch: torch.Tensor, prep: Preprocess, flip: bool = False) -> torch.Tensor:
-    """Stored training images (uint8, :func:`train_geometry`) as the eval transform would show them."""
-    x = batch.permute(0, 3, 1, 2).float()
-    if prep.resize == "crop":  # the stored square -> shorter side at resize_size -> centre crop
-        side = prep.resize_size
-        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
-        top, left = (side - prep.height) // 2, (side - prep.width) // 2
-        x = x[:, :, top:top + prep.height, left:left + prep.width]
-    else:
-        x = torch.nn.functional.interpolate(x, size=(prep.height, prep.width), mode="bilinear", antialias=True)
-    if flip:
-        x = x.flip(3)
-    return x.clamp(0, 255).round().permute(0, 2, 3, 1).to(torch.uint8)
-
-
-def _adapt_batchnorm(net: Net, train: DecodedImages, prep: Preprocess, normalize: Normalize, cfg, d) -> None:
+def _adapt_batchnorm(net: Net, train: DecodedImages, normalize: Normalize, cfg, d) -> None:
     """Re-estimate every BatchNorm's statistics on the training images (AdaBN) before anything trains.
 
     ImageNet's statistics describe ImageNet; on grayscale electroluminescence, X-ray or
@@ -373,8 +361,8 @@ def _adapt_batchnorm(net: Net, train: DecodedImages, prep: Preprocess, normalize
     mode, the head warm-up and the fine-tuning see the same features.
     """
     rows = np.arange(d.rank, len(train), d.world)[: max(1, ADAPT_BN_IMAGES // d.world)]
-    n = adapt_batchnorm(net.backbone, train.images, normalize, rows=rows, batch_size=cfg.batch_size, device=d.device,
-                        view=lambda b: _eval_view(b, prep))
+    n = adapt_batchnorm(net.backbone, train.views[1], normalize, rows=rows, batch_size=cfg.batch_size,
+                        device=d.device)
     if d.enabled:  # average the per-process estimates
         for m in net.backbone.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

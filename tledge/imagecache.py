@@ -1,12 +1,13 @@
 """Decode every image once, into one uint8 array, skipping and counting bad files.
 
 A typical training loop decodes and resizes each JPEG/PNG again in every epoch.
-tledge decodes each file exactly once (in threads; Pillow releases the GIL while it
-decodes and resizes) into an ``N x H x W x 3`` uint8 array, in memory or, past
-:data:`RAM_BUDGET_BYTES`, in a memory-mapped file. Validation and test images are
-stored at exactly the model input (the runtime's own resize/crop code makes them,
-so evaluation sees what a device sees); training images are stored somewhat larger,
-for random-resized-crop augmentation.
+tledge decodes each file once (in threads; Pillow releases the GIL while it
+decodes and resizes) into ``N x H x W x 3`` uint8 arrays, in memory or, past
+:data:`RAM_BUDGET_BYTES`, in memory-mapped files. Every view is made by the runtime's
+own :func:`~tledge_runtime.preprocess.prepare_views`, the code a device runs:
+validation and test images at exactly the model input; training images twice from one
+decode, at the model input (the view the cached head features and AdaBN see, identical
+to what the device sees) and somewhat larger for random-resized-crop augmentation.
 
 A file that cannot be decoded is skipped and counted by reason, never fatal.
 """
@@ -24,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 from tledge_runtime.errors import ImageError
 from tledge_runtime.meta import Preprocess
-from tledge_runtime.preprocess import to_uint8_hwc
+from tledge_runtime.preprocess import prepare_views
 
 from .data import Sample
 from .errors import DataError
@@ -38,12 +39,18 @@ TRAIN_MARGIN = 1.25  # training images are stored this much larger than the mode
 
 @dataclass
 class DecodedImages:
-    """Decoded images (uint8 NHWC) with their labels; ``skipped`` lists ``(path, kind, message)``."""
+    """Decoded images (uint8 NHWC, one array per geometry asked for) with their labels;
+    ``skipped`` lists ``(path, kind, message)``."""
 
-    images: np.ndarray
+    views: list[np.ndarray]
     labels: np.ndarray
     paths: list[Path]
     skipped: list[tuple[Path, str, str]] = field(default_factory=list)
+
+    @property
+    def images(self) -> np.ndarray:
+        """The images at the first geometry asked for."""
+        return self.views[0]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,17 +65,18 @@ def train_geometry(p: Preprocess) -> Preprocess:
     return replace(p, height=int(round(p.height * TRAIN_MARGIN)), width=int(round(p.width * TRAIN_MARGIN)))
 
 
-def decode_images(samples: Sequence[Sample], geometry: Preprocess, *, workers: int = 4, desc: str = "decode",
+def decode_images(samples: Sequence[Sample], *geometries: Preprocess, workers: int = 4, desc: str = "decode",
                   memmap_dir: Optional[Path] = None) -> DecodedImages:
-    """Decode ``samples`` at ``geometry`` (resize/crop only, no normalisation) into one uint8 array."""
-    n, h, w = len(samples), geometry.height, geometry.width
-    images = _allocate((n, h, w, 3), memmap_dir, desc)
+    """Decode ``samples`` once, at each of ``geometries`` (resize/crop only, no normalisation), into uint8 arrays."""
+    n = len(samples)
+    views = [_allocate((n, g.height, g.width, 3), memmap_dir, f"{desc} {k}") for k, g in enumerate(geometries)]
     ok = np.zeros(n, dtype=bool)
     skipped: list[tuple[Path, str, str]] = []
 
     def work(i: int) -> None:
         try:
-            images[i] = to_uint8_hwc(samples[i].path, geometry)
+            for view, image in zip(views, prepare_views(samples[i].path, geometries)):
+                view[i] = image
             ok[i] = True
         except ImageError as e:
             skipped.append((samples[i].path, e.kind, e.message))  # list.append is atomic under the GIL
@@ -79,8 +87,8 @@ def decode_images(samples: Sequence[Sample], geometry: Preprocess, *, workers: i
     keep = np.flatnonzero(ok)
     labels = np.array([samples[i].label for i in keep], dtype=np.int64)
     if len(keep) < n:
-        images = images[keep] if not isinstance(images, np.memmap) else _compact(images, keep)
-    return DecodedImages(images, labels, [samples[i].path for i in keep], sorted(skipped))
+        views = [v[keep] if not isinstance(v, np.memmap) else _compact(v, keep) for v in views]
+    return DecodedImages(views, labels, [samples[i].path for i in keep], sorted(skipped))
 
 
 def _allocate(shape: tuple[int, ...], memmap_dir: Optional[Path], name: str) -> np.ndarray:

@@ -45,7 +45,7 @@ def infer(module: nn.Module, images: np.ndarray, normalize: Normalize, *, batch_
           view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Run ``module`` (eval mode) over uint8 NHWC ``images`` (optionally only ``rows``); float32 CPU outputs.
 
-    ``view`` maps a uint8 batch to another uint8 batch first (e.g. a flip or a resize).
+    ``view`` maps a uint8 batch to another uint8 batch first (e.g. a mirror image).
     """
     module.eval()
     idx = np.arange(len(images)) if rows is None else rows
@@ -62,7 +62,7 @@ def infer(module: nn.Module, images: np.ndarray, normalize: Normalize, *, batch_
 
 @torch.no_grad()
 def adapt_batchnorm(module: nn.Module, images: np.ndarray, normalize: Normalize, *, rows: np.ndarray, batch_size: int,
-                    device: torch.device, view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> int:
+                    device: torch.device) -> int:
     """Replace the running statistics of every BatchNorm in ``module`` by those of ``images[rows]``.
 
     Statistics mode with ``momentum=None`` makes PyTorch keep a plain cumulative average of the
@@ -80,8 +80,6 @@ def adapt_batchnorm(module: nn.Module, images: np.ndarray, normalize: Normalize,
         if len(chunk) < 2 and start > 0:
             continue  # a lone last image: batch statistics of one 1x1 map are undefined, and it adds nothing
         batch = torch.from_numpy(np.ascontiguousarray(images[chunk]))
-        if view is not None:
-            batch = view(batch)
         module(normalize(batch.to(device)))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum

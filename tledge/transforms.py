@@ -1,11 +1,12 @@
-"""Train augmentation and eval transforms, both defined by the metadata's :class:`Preprocess`.
+"""Training-side tensors: train augmentation, and normalisation in torch.
 
-- :func:`eval_transform`: torchvision's preset (``Resize`` shorter side, ``CenterCrop``,
-  ``ToTensor``, ``Normalize``) for one PIL image. It is the reference the runtime's numpy
-  preprocessing is tested against, and what `evaluate` uses on raw images.
+The eval transform (decode, orient, resize/crop) is not here: it has one implementation,
+:mod:`tledge_runtime.preprocess`, which :mod:`tledge.imagecache` calls for every split.
+
 - :class:`BatchAugment`: random-resized-crop, flips and light brightness/contrast jitter,
   applied to a whole batch of decoded uint8 images at once (see :mod:`tledge.imagecache`).
-- :class:`Normalize`: uint8 NHWC batch -> normalised float NCHW (channels-last memory).
+- :class:`Normalize`: uint8 NHWC batch -> normalised float NCHW (channels-last memory), with the
+  runtime's own factors (:func:`tledge_runtime.preprocess.normalize_factors`).
 """
 
 from __future__ import annotations
@@ -15,32 +16,16 @@ import math
 import torch
 import torch.nn.functional as F
 from tledge_runtime.meta import Preprocess
-
-
-def eval_transform(p: Preprocess):
-    """torchvision's eval preset for ``p``: PIL RGB image -> normalised 3xHxW float tensor."""
-    import torchvision.transforms.v2 as T
-
-    interp = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
-              "bicubic": T.InterpolationMode.BICUBIC}[p.interpolation]
-    size = p.resize_size if p.resize == "crop" else (p.height, p.width)
-    return T.Compose([
-        T.Resize(size, interpolation=interp, antialias=True),
-        T.CenterCrop((p.height, p.width)),
-        T.PILToTensor(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(p.mean, p.std),
-    ])
+from tledge_runtime.preprocess import normalize_factors
 
 
 class Normalize:
     """uint8 NHWC -> float NCHW in channels-last memory (the fast layout for CPU convolutions)."""
 
     def __init__(self, p: Preprocess, device: torch.device | str = "cpu"):
-        std = torch.tensor(p.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        mean = torch.tensor(p.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.mul = p.scale / std
-        self.add = -mean / std
+        mul, add = normalize_factors(p)
+        self.mul = torch.from_numpy(mul).to(device).view(1, 3, 1, 1)
+        self.add = torch.from_numpy(add).to(device).view(1, 3, 1, 1)
 
     def __call__(self, batch_u8: torch.Tensor) -> torch.Tensor:
         x = batch_u8.permute(0, 3, 1, 2).float()  # a permuted NHWC tensor *is* channels-last NCHW

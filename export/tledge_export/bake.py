@@ -2,9 +2,9 @@
 
 The baked graph takes ``input`` as uint8 NHWC at model size (a camera frame after its
 resize/crop) and does ``Cast -> Mul(scale/std) -> Add(-mean/std) -> Transpose(NCHW)``
-itself, with the same float32 factors as the runtime's
-:class:`~tledge_runtime.preprocess.Normalizer`, so baked and non-baked models see
-bit-identical tensors. Baking is the last graph edit: fp16 conversion and int8
+itself, with the runtime's own float32 factors
+(:func:`tledge_runtime.preprocess.normalize_factors`, which its ``Normalizer`` uses), so baked and
+non-baked models see bit-identical tensors. Baking is the last graph edit: fp16 conversion and int8
 quantization work on the plain graph, and the normalization stays in float32 ahead of them.
 """
 
@@ -14,17 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tledge_runtime.meta import Preprocess
+from tledge_runtime.preprocess import normalize_factors
 
 PREFIX = "tledge_preprocess"
-
-
-def normalize_factors(p: Preprocess) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel ``(mul, add)`` with ``x * mul + add == (x * scale - mean) / std``, in float32
-    (computed in float64 first, the way :class:`tledge_runtime.preprocess.Normalizer` does)."""
-    std = np.asarray(p.std, dtype=np.float64)
-    mul = (p.scale / std).astype(np.float32)
-    add = (-np.asarray(p.mean, dtype=np.float64) / std).astype(np.float32)
-    return mul, add
 
 
 def bake_preprocess(model: onnx.ModelProto, p: Preprocess) -> onnx.ModelProto:

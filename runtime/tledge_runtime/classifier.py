@@ -20,9 +20,9 @@ import numpy as np
 
 from .backends import Backend, open_backend
 from .errors import BackendError, ImageError, ModelError, TledgeError
-from .image import ImageInput
+from .image import DEFAULT_LIMITS, ImageInput, ImageLimits
 from .meta import ModelMeta
-from .preprocess import Normalizer, to_uint8_hwc
+from .preprocess import Normalizer, prepare_image
 
 # Largest batch sent to a dynamic-batch graph in one run: bounds memory for long lists.
 DEFAULT_CHUNK = 32
@@ -46,10 +46,15 @@ class Classifier:
     ``device``: ``"auto"`` (a GPU if one is usable, else the CPU), ``"cpu"`` or ``"gpu"``.
     ``backend``: force one of :data:`tledge_runtime.backends.BACKENDS`.
     ``threads``: CPU threads per inference (default: the engine's own choice).
+    ``max_pixels`` / ``max_image_bytes``: what one input image may cost, checked before its pixels are
+    decoded (defaults: :class:`~tledge_runtime.image.ImageLimits`, ~89.5 MP and 256 MiB; all decodes of the
+    process together stay within ``TLEDGE_DECODE_MEMORY_MB``, default 256). Over a limit: ``ImageError``.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", backend: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, *, max_pixels: int | None = None, max_image_bytes: int | None = None):
+        self.limits = ImageLimits(max_pixels=max_pixels or DEFAULT_LIMITS.max_pixels,
+                                  max_bytes=max_image_bytes or DEFAULT_LIMITS.max_bytes)
         opened = open_backend(path, device=device, backend=backend, threads=threads)
         self.path = Path(path)
         self.meta: ModelMeta = opened.meta
@@ -119,10 +124,7 @@ class Classifier:
 
         The CPU-heavy half of a prediction; servers and video loops run it apart from :meth:`infer`.
         """
-        if not isinstance(channel_order, str) or channel_order.lower() not in ("rgb", "bgr"):
-            raise ImageError(f"unknown channel_order {channel_order!r}", hint="use 'rgb', or 'bgr' for OpenCV frames",
-                             kind="bad_array")
-        return to_uint8_hwc(x, self.meta.preprocess, channel_order=channel_order)
+        return prepare_image(x, self.meta.preprocess, channel_order=channel_order, limits=self.limits)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of prepared images (``N x H x W x 3`` uint8, from :meth:`prepare`)."""

@@ -161,10 +161,10 @@ def write_int8_model(path: Path, fp32_path: Path, *, target: str = "cpu") -> Pat
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from tledge_runtime.meta import Quantization
-    from tledge_runtime.preprocess import Normalizer, to_uint8_hwc
+    from tledge_runtime.preprocess import Normalizer, prepare_image
 
     p = make_meta().preprocess
-    batches = [Normalizer(p)(to_uint8_hwc(colour_image(name, seed=200 + i), p)[None])
+    batches = [Normalizer(p)(prepare_image(colour_image(name, seed=200 + i), p)[None])
                for i, name in enumerate(LABELS * 4)]
 
     class Reader(CalibrationDataReader):

@@ -136,11 +136,11 @@ def test_a_class_of_only_bad_files_is_an_error(tmp_path):
 
 
 def test_decoded_pixels_equal_the_runtime_preprocessing(tmp_path):
-    from tledge_runtime.preprocess import to_uint8_hwc
+    from tledge_runtime.preprocess import prepare_image
 
     data = make_dataset(tmp_path / "d", per_class=3)
     splits = load_splits(data, val_split=0.0, test_split=0.0)
     p = Preprocess(height=24, width=24, crop_ratio=0.875, interpolation="bicubic")
     decoded = decode_images(splits.train, p, workers=2)
     for img, path in zip(decoded.images, decoded.paths):
-        np.testing.assert_array_equal(img, to_uint8_hwc(path, p))
+        np.testing.assert_array_equal(img, prepare_image(path, p))

@@ -1,113 +1,115 @@
-"""The runtime's numpy/Pillow preprocessing equals the training eval transform (torchvision), pixel for pixel.
+"""Training feeds its model the tensor the device feeds it: parity on the code paths training really runs.
 
-Preprocessing drift is the first cause of "the model on the device is worse than in PyTorch".
-Both sides read the same files through tledge_runtime.image.load_image (one decoder for every
-mode); the training side then runs torchvision's Resize/CenterCrop/ToTensor/Normalize preset,
-the runtime its own numpy code. The bound is 1/255 after scaling, i.e. within one grey level.
+Preprocessing drift is the first cause of "the model on the device is worse than in PyTorch". tledge has
+one implementation (tledge_runtime.preprocess); these tests check that every training-side consumer gets
+exactly its output, pixel for pixel and float for float:
+
+- validation/test decoding (what evaluate, export verification and calibration, and benchmark use);
+- the training images' eval view, which the cached head features and AdaBN are computed on;
+- the head features themselves, against the backbone run on the runtime's normalized tensor;
+- torch normalization against the runtime's Normalizer.
+
+Files larger and smaller than the model input, in every mode tledge converts, with both resize policies.
 """
 
 from __future__ import annotations
-
-import io
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tledge_runtime.image import load_image
 from tledge_runtime.meta import Preprocess
-from tledge_runtime.preprocess import preprocess
+from tledge_runtime.preprocess import Normalizer, prepare_image, preprocess
 
-from tledge.transforms import Normalize, eval_transform
+from tledge.data import Sample
+from tledge.imagecache import decode_images, train_geometry
+from tledge.transforms import Normalize
 
 rng = np.random.default_rng(7)
 
 
 def _rgb(h: int, w: int) -> np.ndarray:
-    # Smooth gradients plus noise: resampling differences would show up, flat colour would hide them.
     y, x = np.mgrid[0:h, 0:w]
     base = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) * 127 / max(h + w - 2, 1)], -1)
     return (base + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
 
 
-def _files(tmp_path):
-    """One real file per image mode tledge must treat consistently."""
-    files = {}
-    files["rgb.jpg"] = Image.fromarray(_rgb(480, 640))
-    files["gray.png"] = Image.fromarray(_rgb(300, 300)[:, :, 0])
-    files["rgba.png"] = Image.fromarray(np.dstack([_rgb(120, 90), rng.integers(0, 256, (120, 90), dtype=np.uint8)]))
+def mode_files(folder) -> list:
+    """One real file per image mode tledge must treat consistently, smaller and larger than the model input."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {
+        "rgb_large.jpg": Image.fromarray(_rgb(900, 1200)),  # JPEG draft decoding and box reduction
+        "rgb.jpg": Image.fromarray(_rgb(48, 64)),
+        "gray.png": Image.fromarray(_rgb(300, 300)[:, :, 0]),
+        "rgba.png": Image.fromarray(np.dstack([_rgb(120, 90), rng.integers(0, 256, (120, 90), dtype=np.uint8)])),
+        "gray16.png": Image.fromarray((_rgb(91, 37)[:, :, 1].astype(np.uint16) * 257)),
+        "cmyk.jpg": Image.fromarray(_rgb(200, 150)).convert("CMYK"),
+        "tiny.png": Image.fromarray(_rgb(3, 2)),
+        "thin.png": Image.fromarray(_rgb(2, 900)),
+    }
+    paths = []
+    for name, img in images.items():
+        img.save(folder / name)
+        paths.append(folder / name)
     pal = Image.fromarray(_rgb(64, 80)).quantize(32)
-    pal.info["transparency"] = 3
-    files["palette.png"] = pal
-    files["gray16.png"] = Image.fromarray((_rgb(91, 37)[:, :, 1].astype(np.uint16) * 257))
-    files["cmyk.jpg"] = Image.fromarray(_rgb(200, 150)).convert("CMYK")
-    files["tiny.png"] = Image.fromarray(_rgb(1, 1))
-    paths = {}
-    for name, img in files.items():
-        path = tmp_path / name
-        img.save(path, transparency=3) if name == "palette.png" else img.save(path)
-        paths[name] = path
+    pal.save(folder / "palette.png", transparency=3)
     exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise on display
-    rotated = tmp_path / "exif_rotated.jpg"
-    Image.fromarray(_rgb(60, 100)).save(rotated, exif=exif)
-    paths["exif_rotated.jpg"] = rotated
-    return paths
+    exif[0x0112] = 6  # stored 100x60, displayed 60x100
+    Image.fromarray(_rgb(60, 100)).save(folder / "exif_rotated.jpg", exif=exif)
+    return paths + [folder / "palette.png", folder / "exif_rotated.jpg"]
 
 
 PREPROCESS = [
-    Preprocess(height=64, width=64),
-    Preprocess(height=56, width=56, crop_ratio=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3),
-    Preprocess(height=48, width=72, resize="stretch"),
-    Preprocess(height=224, width=224, crop_ratio=0.875),
+    Preprocess(height=40, width=40),
+    Preprocess(height=32, width=32, crop_ratio=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3),
+    Preprocess(height=24, width=36, resize="stretch"),
 ]
+IDS = ["crop", "crop-0.875-bicubic", "stretch"]
 
 
-@pytest.mark.parametrize("p", PREPROCESS, ids=lambda p: f"{p.resize}-{p.height}x{p.width}-{p.interpolation}")
-def test_runtime_preprocessing_equals_the_training_eval_transform(tmp_path, p):
-    reference = eval_transform(p)
-    for name, path in _files(tmp_path).items():
-        train_side = reference(load_image(path)).numpy()
-        device_side = preprocess(path, p)[0]
-        assert device_side.shape == train_side.shape == (3, p.height, p.width), name
-        # Scale back to grey levels: the difference must stay within one level.
-        diff = np.abs(device_side - train_side) * np.asarray(p.std).reshape(3, 1, 1) / p.scale
-        assert diff.max() <= 1.0, f"{name}: max difference {diff.max():.3f} grey levels"
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return mode_files(tmp_path_factory.mktemp("modes"))
 
 
-def test_training_normalisation_equals_the_runtime(tmp_path):
-    """The fast training path (decoded uint8 + torch Normalize) feeds the same floats as the runtime."""
-    from tledge_runtime.preprocess import to_uint8_hwc
+@pytest.mark.parametrize("p", PREPROCESS, ids=IDS)
+def test_decoded_splits_equal_the_device_input(files, p):
+    samples = [Sample(path, 0) for path in files]
+    held_out = decode_images(samples, p, workers=2)  # val/test: evaluate, export, benchmark
+    train = decode_images(samples, train_geometry(p), p, workers=2)  # train: augmentation store + eval view
+    assert not held_out.skipped and not train.skipped
+    assert train.views[0].shape[1:3] != (p.height, p.width)  # the augmentation store is larger
+    for i, path in enumerate(files):
+        device = prepare_image(path, p)  # what Classifier.prepare returns on a device
+        np.testing.assert_array_equal(held_out.images[i], device, err_msg=path.name)
+        np.testing.assert_array_equal(train.views[1][i], device, err_msg=path.name)
 
+
+def test_torch_normalize_is_bitwise_the_runtime_normalizer(files):
     p = PREPROCESS[1]
-    for path in _files(tmp_path).values():
-        u8 = torch.from_numpy(to_uint8_hwc(path, p).copy())[None]
-        np.testing.assert_allclose(Normalize(p)(u8).numpy(), preprocess(path, p), atol=1e-6)
+    batch = np.stack([prepare_image(path, p) for path in files])
+    np.testing.assert_array_equal(Normalize(p)(torch.from_numpy(batch)).numpy(), Normalizer(p)(batch))
 
 
-def test_modes_convert_the_same_way_every_time(tmp_path):
-    paths = _files(tmp_path)
-    gray = np.asarray(load_image(paths["gray.png"]))
-    assert (gray[:, :, 0] == gray[:, :, 1]).all() and (gray[:, :, 1] == gray[:, :, 2]).all()
-    g16 = np.asarray(load_image(paths["gray16.png"]))
-    expected = _rgb_levels_from_16bit(paths["gray16.png"])
-    assert np.abs(g16[:, :, 0].astype(int) - expected).max() <= 1  # scaled by range, not clipped at 255
-    rot = load_image(paths["exif_rotated.jpg"])
-    assert rot.size == (60, 100)  # EXIF orientation applied: stored 100x60, displayed 60x100
-    rgba = np.asarray(load_image(paths["rgba.png"]))
-    assert rgba.shape[2] == 3
-    for path in paths.values():  # bytes and paths decode identically
-        assert np.array_equal(np.asarray(load_image(path)), np.asarray(load_image(path.read_bytes())))
+@pytest.mark.slow
+@pytest.mark.parametrize("p", PREPROCESS[:2], ids=IDS[:2])
+def test_cached_head_features_are_the_backbone_on_the_device_tensor(files, p):
+    """The head warm-up trains on features of exactly the tensor the exported model will be given."""
+    from tledge.distributed import Dist
+    from tledge.finetune import FinetuneConfig, _train_features
+    from tledge.models import create_model
 
-
-def _rgb_levels_from_16bit(path) -> np.ndarray:
-    a = np.asarray(Image.open(path)).astype(np.float64)
-    return np.round(a / 257).astype(int)
-
-
-def test_transparent_pixels_become_white_not_whatever_lies_under_them():
-    a = np.zeros((4, 4, 4), dtype=np.uint8)
-    a[..., :3] = (10, 20, 30)  # colour under fully transparent alpha
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "PNG")
-    assert (np.asarray(load_image(buf.getvalue())) == 255).all()
+    torch.manual_seed(0)
+    net = create_model("efficientnet_lite0", 2, "none").eval()
+    samples = [Sample(path, k % 2) for k, path in enumerate(files)]
+    train = decode_images(samples, train_geometry(p), p, workers=2)
+    cfg = FinetuneConfig(data="unused", batch_size=4, img_size=p.height)
+    feats, labels = _train_features(net, train, Normalize(p), cfg, Dist())
+    n = len(files)
+    with torch.no_grad():
+        for i, path in enumerate(files):
+            x = torch.from_numpy(preprocess(path, p))
+            np.testing.assert_allclose(feats[i].numpy(), net.backbone(x)[0].numpy(), atol=1e-5, err_msg=path.name)
+            mirror = net.backbone(x.flip(3))[0].numpy()
+            np.testing.assert_allclose(feats[n + i].numpy(), mirror, atol=1e-5, err_msg=path.name)
+    assert labels.tolist() == [s.label for s in samples] * 2
