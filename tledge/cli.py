@@ -251,15 +251,22 @@ def finetune(data: Path, out: Optional[Path], resume: bool, as_json: bool, no_am
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the confusion matrix as a PNG here.")
+@click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one CSV row per image here: path,true,pred, then one probability column per class.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int, device: str,
-             plot: Optional[Path], as_json: bool) -> None:
-    """Accuracy, per-class precision/recall/F1 and confusion matrix of CHECKPOINT on DATA."""
+             plot: Optional[Path], predictions: Optional[Path], as_json: bool) -> None:
+    """Accuracy, per-class precision/recall/F1 and confusion matrix of CHECKPOINT on DATA.
+
+    Images go through the device's own preprocessing (tledge_runtime), so --predictions holds the
+    probabilities an exported fp32 model gives on a device, up to float rounding.
+    """
     from .evaluate import evaluate as run_evaluate
     from .metrics import format_report
 
     _setup_logging(quiet=as_json)
-    result = run_evaluate(checkpoint, data, split=split, batch_size=batch_size, device=device, plot=plot)
+    result = run_evaluate(checkpoint, data, split=split, batch_size=batch_size, device=device, plot=plot,
+                          predictions=predictions)
     if as_json:
         _emit_json({**result.report, "data": str(result.data), "skipped": len(result.skipped)})
         return
@@ -267,8 +274,9 @@ def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int
     echo(format_report(result.report))  # per-class rows are named by the checkpoint's classes
     if result.skipped_line:
         echo(result.skipped_line)
-    if result.plot:
-        echo(f"wrote {result.plot}")
+    for written in (result.plot, result.predictions):
+        if written:
+            echo(f"wrote {written}")
 
 
 @main.command(context_settings=_HELP)

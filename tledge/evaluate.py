@@ -1,12 +1,18 @@
-"""`tledge evaluate CHECKPOINT DATA`: accuracy, per-class precision/recall/F1 and the confusion matrix."""
+"""`tledge evaluate CHECKPOINT DATA`: accuracy, per-class precision/recall/F1, the confusion matrix, and
+(``predictions=FILE.csv``) every image's probabilities, to inspect mistakes and to check a device's
+numbers against PyTorch's from outside."""
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
+from tledge_runtime.fileio import atomic_write
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
 from .data import Sample, list_images, scan_class_folders
@@ -25,6 +31,7 @@ class EvalResult:
     skipped_line: str
     data: Path
     plot: Optional[Path] = None
+    predictions: Optional[Path] = None
 
 
 def evaluation_samples(data: Path, labels: list[str], split: Optional[str] = None) -> tuple[Path, list[Sample]]:
@@ -46,8 +53,12 @@ def evaluation_samples(data: Path, labels: list[str], split: Optional[str] = Non
 
 
 def evaluate(checkpoint: Path, data: Path, *, split: Optional[str] = None, batch_size: int = 32,
-             device: str = "auto", workers: int = 4, plot: Optional[Path] = None) -> EvalResult:
-    """Evaluate a tledge checkpoint on an image folder with the checkpoint's own eval transform."""
+             device: str = "auto", workers: int = 4, plot: Optional[Path] = None,
+             predictions: Optional[Path] = None) -> EvalResult:
+    """Evaluate a tledge checkpoint on an image folder with the checkpoint's own preprocessing.
+
+    ``predictions``: also write a CSV with one row per image (see :func:`write_predictions`).
+    """
     ckpt = load_checkpoint(checkpoint)
     labels = list(ckpt["labels"])
     prep = preprocess_of(ckpt)
@@ -60,8 +71,31 @@ def evaluate(checkpoint: Path, data: Path, *, split: Optional[str] = None, batch
     logits = infer(model, decoded.images, Normalize(prep, dev), batch_size=batch_size, device=dev, desc="evaluate")
     r = report(confusion_matrix(decoded.labels, logits.argmax(1).numpy(), len(labels)), labels)
     result = EvalResult(r, decoded.skipped, summarize_skipped(decoded.skipped, len(samples)), folder)
+    if predictions is not None:
+        probs = torch.softmax(logits.double(), dim=1).numpy()
+        result.predictions = write_predictions(predictions, decoded.paths, decoded.labels, probs, labels)
     if plot is not None:
         from .plots import plot_confusion
 
         result.plot = plot_confusion(r["confusion"], labels, plot, title=f"{folder.name}: accuracy {100 * r['accuracy']:.2f}%")
     return result
+
+
+RESERVED_COLUMNS = ("path", "true", "pred")
+
+
+def write_predictions(path: Path, files: Sequence[Path], truth: np.ndarray, probs: np.ndarray,
+                      labels: Sequence[str]) -> Path:
+    """CSV: ``path,true,pred`` then one probability column per class, named by the class.
+
+    A class named like one of the first three columns gets its column as ``p(<name>)``. Probabilities
+    keep 9 significant digits (float32 models differ from PyTorch in the 7th). Written atomically.
+    """
+    columns = [f"p({c})" if c in RESERVED_COLUMNS else c for c in labels]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")  # quotes fields with commas, quotes or newlines
+    writer.writerow([*RESERVED_COLUMNS, *columns])
+    for file, y, row in zip(files, truth, probs):
+        writer.writerow([str(file), labels[int(y)], labels[int(np.argmax(row))], *(f"{v:.9g}" for v in row)])
+    # surrogateescape: a file name that is not valid UTF-8 is written back as its original bytes
+    return atomic_write(path, buf.getvalue().encode("utf-8", "surrogateescape"))
