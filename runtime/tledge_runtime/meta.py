@@ -404,9 +404,10 @@ def _build(cls: type, d: Any, what: str) -> Any:
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(d) - known)
     if unknown:
-        raise MetadataError(f"unknown {what} metadata field(s) {unknown}",
+        raise MetadataError(f"unknown {what} metadata field(s) {_short(unknown)}",
                             hint="this model was written by a newer tledge; upgrade tledge-runtime")
     try:
         return cls(**d)
     except (TypeError, ValueError) as e:
-        raise MetadataError(f"malformed {what} metadata: {e}", hint="re-export the model with `tledge export`") from None
+        raise MetadataError(f"malformed {what} metadata: {str(e)[:200]}",
+                            hint="re-export the model with `tledge export`") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -178,3 +179,144 @@ def test_metadata_parses_or_is_refused_with_metadata_error(text):
 @pytest.mark.parametrize("seed", range(len(SEEDS)))
 def test_every_seed_file_decodes(seed):
     _check_image(load_image(SEEDS[seed]))
+
+
+# ------------------------------------------------------------------ hostile metadata structure
+# Beyond one mutated field: depth (raw brackets anywhere in the text, deep trees in any field), sizes
+# (label counts and lengths, long strings, wide verification trees), ranges (sizes, ratios, batch, opset
+# at and beyond their bounds) and types (every field swapped for another JSON type), several at once.
+
+EXTREME_NUMBERS = st.sampled_from([0, 1, 7, 8, 16, 2047, 2048, 2049, 4096, 4097, 8192, 80_000, 2**31, 2**63, -1,
+                                   -(2**63), 0.0, 0.09, 0.1, 0.45, 0.5, 1.0, 1.0000001, 1e-4, 1e-300, 1e4, 1e300,
+                                   -1e300, 5e-324, True, False])
+SIZES = st.sampled_from([0, 1, 2, 255, 256, 257, 1023, 1024, 1025, 4096, 4097, 70_000])
+CONTROL = st.sampled_from(["\n", "\t", "\r", "\x00", "\x1b[2J", "\x1b]0;x\x07", "\x7f", "\x9b", "\u2028", "\u202e",
+                           "\udcff"])
+
+
+# Deep and narrow (a chain up to 40 levels) or shallow and wide (up to 25**3 leaves): never both, so the
+# document stays small enough to write.
+TREE_SHAPES = st.one_of(st.tuples(st.integers(0, 40), st.just(1)), st.tuples(st.integers(0, 3), st.integers(1, 25)))
+
+
+def _tree(depth: int, width: int, leaf: Any) -> Any:
+    """A JSON tree ``depth`` levels deep (lists and objects alternating), ``width`` children per level, built
+    without recursion so any depth can be drawn."""
+    node = leaf
+    for level in range(depth):
+        node = [node] * width if level % 2 else {f"k{i}": node for i in range(width)}
+    return node
+
+
+@st.composite
+def hostile_values(draw):
+    kind = draw(st.sampled_from(["number", "string", "control", "tree", "null", "list", "object"]))
+    if kind == "number":
+        return draw(EXTREME_NUMBERS)
+    if kind == "string":
+        return draw(st.sampled_from("ax[{\"\\")) * draw(SIZES)
+    if kind == "control":
+        return draw(st.text(max_size=4)) + draw(CONTROL) + draw(st.text(max_size=4))
+    if kind == "tree":
+        return _tree(*draw(TREE_SHAPES), draw(JSON_LEAVES))
+    if kind == "list":
+        return [draw(EXTREME_NUMBERS)] * draw(SIZES)
+    if kind == "object":
+        return {"k": draw(JSON_LEAVES)}
+    return None
+
+
+FIELDS = [("labels",), ("preprocess", "height"), ("preprocess", "width"), ("preprocess", "crop_ratio"),
+          ("preprocess", "resize"), ("preprocess", "scale"), ("preprocess", "mean"), ("preprocess", "std"),
+          ("preprocess", "interpolation"), ("input", "name"), ("input", "batch"), ("input", "layout"),
+          ("input", "dtype"), ("input", "baked_preprocess"), ("output", "name"), ("output", "kind"),
+          ("provenance", "architecture"), ("provenance", "opset"), ("provenance", "created"),
+          ("provenance", "checkpoint_sha256"), ("quantization",), ("verification",), ("precision",), ("task",),
+          ("schema_version",), ("preprocess",), ("input",), ("provenance",)]
+QUANTIZATION = {"target": "cpu", "method": "minmax", "calibration_images": 8, "activation_type": "uint8",
+                "weight_type": "int8", "per_channel": True, "float_nodes": ["Conv_0"]}
+
+
+@st.composite
+def hostile_meta(draw):
+    """The valid document (16-px test model) with 1-4 hostile changes, then possibly raw brackets inserted."""
+    doc = json.loads(json.dumps(VALID_META))
+    doc["preprocess"].update(height=16, width=16, crop_ratio=0.875)
+    if draw(st.booleans()):
+        doc["quantization"] = dict(QUANTIZATION)
+        doc["precision"] = "int8"
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(FIELDS))
+        what = draw(st.sampled_from(["value", "labels", "verification", "range"]))
+        if what == "labels":
+            n, size = draw(st.sampled_from([0, 1, 2, 3, 1000, 100_001])), draw(st.sampled_from([0, 1, 8, 256, 257]))
+            labels = [f"{i:0{size}d}"[-size:] if size else "" for i in range(n)]
+            if labels and draw(st.booleans()):
+                labels[draw(st.integers(0, len(labels) - 1))] = draw(hostile_values())
+            doc["labels"] = labels
+        elif what == "verification":
+            doc["verification"] = _tree(*draw(TREE_SHAPES), draw(st.one_of(JSON_LEAVES, hostile_values())))
+        elif what == "range":
+            side = draw(st.sampled_from([8, 16, 224, 2048, 2049]))
+            doc["preprocess"] = doc["preprocess"] if isinstance(doc.get("preprocess"), dict) else {}
+            doc["preprocess"].update(height=side, width=side, crop_ratio=draw(st.floats(0.05, 1.05)))
+        else:
+            node = doc
+            for key in path[:-1]:
+                node = node.setdefault(key, {}) if isinstance(node.get(key), dict) else node
+            node[path[-1]] = draw(hostile_values())
+    text = json.dumps(doc)
+    if draw(st.integers(0, 4)) == 0:  # raw brackets at any position: unbalanced, deep, inside strings
+        i = draw(st.integers(0, len(text)))
+        text = text[:i] + draw(st.sampled_from("[{")) * draw(st.sampled_from([1, 16, 17, 1000, 100_000])) + text[i:]
+    return text
+
+
+def _check_parsed(meta: ModelMeta) -> None:
+    """What a parsed document guarantees every consumer: bounded sizes, printable labels, a round trip."""
+    from tledge_runtime.meta import MAX_LABEL_CHARS, MAX_LABELS, MAX_RESIZE_SIDE, MAX_SIDE
+    from tledge_runtime.text import unsafe_chars
+
+    p = meta.preprocess
+    assert 8 <= p.height <= MAX_SIDE and 8 <= p.width <= MAX_SIDE
+    assert p.resize != "crop" or p.resize_size <= MAX_RESIZE_SIDE
+    assert 2 <= len(meta.labels) <= MAX_LABELS
+    assert all(0 < len(label) <= MAX_LABEL_CHARS and not unsafe_chars(label) for label in meta.labels)
+    assert ModelMeta.from_json(meta.to_json()) == meta
+
+
+@FUZZ
+@given(hostile_meta())
+def test_hostile_metadata_structure_parses_bounded_or_is_a_metadata_error(text):
+    try:
+        meta = ModelMeta.from_json(text)
+    except MetadataError as e:
+        assert e.hint
+        return
+    _check_parsed(meta)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz-models")
+
+
+@FUZZ
+@given(hostile_meta())
+def test_hostile_metadata_in_a_real_onnx_file_loads_or_is_refused(fuzz_dir, text):
+    """The same documents inside a real ONNX model, through Classifier: load and predict, or a
+    MetadataError/ModelError with a hint; nothing else."""
+    from runtime_testkit import colour_image, write_model
+    from tledge_runtime import Classifier
+    from tledge_runtime.errors import ModelError
+
+    path = write_model(fuzz_dir / "model.onnx", meta_json=text)
+    try:
+        clf = Classifier(path, device="cpu")
+    except (MetadataError, ModelError) as e:
+        assert e.hint
+        return
+    with clf:
+        _check_parsed(clf.meta)
+        prediction = clf.predict(colour_image("red", 0))
+        assert prediction.label in clf.labels and 0 <= prediction.score <= 1
