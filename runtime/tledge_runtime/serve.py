@@ -20,6 +20,7 @@ flight, body bytes held, the time a request may take from its first header byte 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -257,10 +258,25 @@ def _protocol(timeout_s: float) -> type:
     at a time; here a connection that has not completed a request's headers within ``timeout_s``
     of connecting (or of its previous answer) is closed, so slow senders cannot hold sockets.
     """
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class DeadlineH11Protocol(H11Protocol):
         _deadline: Any = None
+
+        def send_400_response(self, msg: str) -> None:
+            # A request h11 cannot parse: answered in JSON like every other error (uvicorn's is plain text).
+            body = json.dumps({"error": "malformed HTTP request", "hint": "send a well-formed HTTP/1.1 request"})
+            try:
+                for event in (h11.Response(status_code=400, reason=b"Bad Request",
+                                           headers=[(b"content-type", b"application/json"),
+                                                    (b"content-length", str(len(body)).encode()),
+                                                    (b"connection", b"close")]),
+                              h11.Data(data=body.encode()), h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event))
+            except h11.LocalProtocolError:  # a response was under way: nothing more can be said on this connection
+                pass
+            self.transport.close()
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)

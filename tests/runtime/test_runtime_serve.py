@@ -1,4 +1,4 @@
-"""The HTTP server on loopback: good and bad requests, limits (413/503), concurrency, clean shutdown."""
+"""The HTTP server on loopback: /predict for curl users, bad requests, limits, keep-alive, concurrency, the CLI."""
 
 from __future__ import annotations
 
@@ -13,55 +13,15 @@ import threading
 import time
 
 import pytest
+from serve_testkit import MAX_BYTES, address, raw_exchange, request, running
 from tledge_runtime.errors import TledgeError
-from tledge_runtime.serve import PredictionServer, ServeConfig
-
-MAX_BYTES = 64 << 10
+from tledge_runtime.serve import Server, ServeConfig
 
 
-def _start(classifier, **overrides) -> tuple[PredictionServer, threading.Thread]:
-    config = ServeConfig(**{"port": 0, "max_bytes": MAX_BYTES, "max_queue": 8, "timeout_s": 5.0, **overrides})
-    server = PredictionServer(classifier, config)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    return server, thread
-
-
-def _stop(server: PredictionServer, thread: threading.Thread) -> None:
-    server.shutdown()
-    thread.join(5)
-    server.close()
-
-
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def server(classifier):
-    srv, thread = _start(classifier)
-    yield srv
-    _stop(srv, thread)
-
-
-def request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, (json.loads(raw) if raw else None), resp
-    finally:
-        conn.close()
-
-
-def raw_exchange(server, data: bytes, *, close_write: bool = True) -> bytes:
-    """Send bytes over a plain socket and return everything the server answers."""
-    with socket.create_connection(server.server_address[:2], timeout=10) as s:
-        s.sendall(data)
-        if close_write:
-            s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    with running(classifier) as srv:
+        yield srv
 
 
 def test_predict_returns_label_topk_and_latency(server, images):
@@ -80,6 +40,20 @@ def test_same_answer_as_the_python_api(server, classifier, images):
     assert body["score"] == pytest.approx(classifier.predict(path).score, abs=1e-9)
 
 
+def test_keep_alive_serves_many_requests_on_one_connection(server, images):
+    conn = http.client.HTTPConnection(*address(server), timeout=10)
+    try:
+        for i in range(6):
+            label = ("red", "green", "blue")[i % 3]
+            status, body, resp = request(server, "POST", "/predict", images[label][i % 4].read_bytes(), conn=conn)
+            assert status == 200 and body["label"] == label and resp.version == 11
+        sock = conn.sock
+        assert request(server, "GET", "/health", conn=conn)[0] == 200
+        assert conn.sock is sock  # the same TCP connection all along
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("body, headers, status, expected", [
     (b"this is not an image", {}, 400, "request body: not an image"),
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, {}, 400, "request body"),
@@ -87,12 +61,32 @@ def test_same_answer_as_the_python_api(server, classifier, images):
     (b"x" * (MAX_BYTES + 1), {}, 413, "more than the"),
     (b"--b\r\n\r\nabc", {"Content-Type": "multipart/form-data; boundary=b"}, 415, "multipart"),
 ])
-def test_bad_requests_get_4xx_with_a_hint(server, images, body, headers, status, expected):
+def test_bad_requests_get_4xx_json_with_a_hint(server, images, body, headers, status, expected):
     got, answer, _ = request(server, "POST", "/predict", body, headers)
     assert got == status
     assert expected in answer["error"] and answer["hint"]
     ok, good, _ = request(server, "POST", "/predict", images["red"][0].read_bytes())  # still serving
     assert ok == 200 and good["label"] == "red"
+
+
+def test_a_chunked_body_is_cut_at_the_limit_while_it_streams(server):
+    sent = []
+
+    def chunks():  # a body with no Content-Length: the limit applies to what arrives
+        for _ in range(8):
+            sent.append(1)
+            yield b"x" * (MAX_BYTES // 4)
+
+    conn = http.client.HTTPConnection(*address(server), timeout=10)
+    try:
+        conn.request("POST", "/predict", body=chunks(), encode_chunked=True)
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+    except (BrokenPipeError, ConnectionResetError):
+        pytest.fail("the server must answer 413, not drop the connection")
+    finally:
+        conn.close()
+    assert resp.status == 413 and "more than" in answer["error"]
 
 
 @pytest.mark.parametrize("query", ["topk=abc", "topk=0", "topk=-2"])
@@ -101,50 +95,35 @@ def test_bad_topk_is_400(server, images, query):
     assert status == 400 and "topk" in answer["error"]
 
 
-def test_routes_and_methods(server):
+def test_routes_and_methods_answer_json(server):
     status, answer, _ = request(server, "GET", "/nope")
-    assert status == 404 and "/predict" in answer["hint"]
-    status, _, resp = request(server, "GET", "/predict")
-    assert status == 405 and resp.getheader("Allow") == "POST"
+    assert status == 404 and "/v2/models/<name>/infer" in answer["hint"]
+    status, answer, resp = request(server, "GET", "/predict")
+    assert status == 405 and resp.getheader("Allow") == "POST" and answer["error"]
     status, _, resp = request(server, "POST", "/health", b"x")
-    assert status == 405 and resp.getheader("Allow") == "GET"
+    assert status == 405 and "GET" in resp.getheader("Allow")
     assert request(server, "PUT", "/predict", b"x")[0] == 405
     assert request(server, "DELETE", "/elsewhere")[0] == 404
 
 
-def test_health_and_info(server):
+def test_health_and_info(server, classifier):
     status, health, _ = request(server, "GET", "/health")
     assert status == 200 and health["status"] == "ok" and health["backend"] == "ort-cpu"
     status, info, _ = request(server, "GET", "/info")
     assert status == 200 and info["labels"] == ["red", "green", "blue"]
-    assert info["limits"] == {"max_bytes": MAX_BYTES, "max_queue": 8}
+    assert info["limits"]["max_bytes"] == MAX_BYTES and info["limits"]["max_queue"] == 8
     assert info["meta"]["preprocess"]["height"] == 16
+    assert info["names"] == ["tiny-gap-gemm_fp32", "tiny-gap-gemm_fp32_image"]
 
 
-def test_malformed_http_is_answered_and_survived(server, images):
-    assert raw_exchange(server, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.0 400")
-    no_length = b"POST /predict HTTP/1.0\r\nHost: x\r\n\r\n"
-    assert raw_exchange(server, no_length).startswith(b"HTTP/1.0 411")
-    bad_length = b"POST /predict HTTP/1.0\r\nContent-Length: many\r\n\r\n"
-    assert raw_exchange(server, bad_length).startswith(b"HTTP/1.0 400")
-    short = b"POST /predict HTTP/1.0\r\nContent-Length: 5000\r\n\r\n" + b"x" * 10  # client hangs up early
-    reply = raw_exchange(server, short)
-    assert reply.startswith(b"HTTP/1.0 400") and b"ended after 10 of 5000" in reply
+def test_malformed_http_is_answered_in_json_and_survived(server, images):
+    reply = raw_exchange(server, b"GARBAGE\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400") and b'"error": "malformed HTTP request"' in reply
+    bad_length = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: many\r\n\r\n"
+    assert raw_exchange(server, bad_length).startswith(b"HTTP/1.1 400")
+    short = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 10  # client hangs up early
+    assert raw_exchange(server, short) == b""  # nobody is left to answer; the server just lets go
     assert request(server, "POST", "/predict", images["blue"][0].read_bytes())[0] == 200
-
-
-def test_full_queue_answers_503_and_recovers(server, images):
-    body = images["red"][0].read_bytes()
-    for _ in range(server.config.max_queue):  # occupy every slot, as max_queue slow requests would
-        assert server.admission.try_enter()
-    try:
-        status, answer, resp = request(server, "POST", "/predict", body)
-        assert status == 503 and resp.getheader("Retry-After") == "1" and "busy" in answer["error"]
-        assert request(server, "GET", "/health")[1]["in_flight"] == server.config.max_queue
-    finally:
-        for _ in range(server.config.max_queue):
-            server.admission.leave()
-    assert request(server, "POST", "/predict", body)[0] == 200
 
 
 def test_concurrent_clients_with_bad_requests_mixed_in(server, images):
@@ -154,20 +133,20 @@ def test_concurrent_clients_with_bad_requests_mixed_in(server, images):
     lock = threading.Lock()
 
     def client(t: int) -> None:
-        for i in range(25):
+        conn = http.client.HTTPConnection(*address(server), timeout=10)
+        for i in range(15):
             label = ("red", "green", "blue")[(t + i) % 3]
             if i % 5 == 4:
-                status, answer, _ = request(server, "POST", "/predict", b"junk %d" % i)
-                ok = status == 400
-                key = "bad"
+                status, answer, _ = request(server, "POST", "/predict", b"junk %d" % i, conn=conn)
+                ok, key = status == 400, "bad"
             else:
-                status, answer, _ = request(server, "POST", "/predict", good[label][i % 4])
-                ok = status == 200 and answer["label"] == label
-                key = "ok"
+                status, answer, _ = request(server, "POST", "/predict", good[label][i % 4], conn=conn)
+                ok, key = status == 200 and answer["label"] == label, "ok"
             with lock:
                 counts[key] += 1
                 if not ok:
                     problems.append(f"client {t} request {i}: {status} {answer}")
+        conn.close()
 
     threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
     for t in threads:
@@ -175,71 +154,84 @@ def test_concurrent_clients_with_bad_requests_mixed_in(server, images):
     for t in threads:
         t.join(60)
     assert problems == []
-    assert counts == {"ok": 160, "bad": 40}
+    assert counts == {"ok": 96, "bad": 24}
     assert request(server, "GET", "/health")[1]["in_flight"] == 0
-
-
-def test_shutdown_finishes_a_request_in_flight(classifier, images):
-    srv, thread = _start(classifier)
-    body = images["green"][2].read_bytes()
-    with socket.create_connection(srv.server_address[:2], timeout=10) as s:
-        s.sendall(b"POST /predict HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
-        time.sleep(0.2)  # the handler thread is now waiting for the rest of the body
-        srv.shutdown()  # stop accepting; serve_forever returns
-        thread.join(5)
-        closer = threading.Thread(target=srv.close)  # waits for the request in flight
-        closer.start()
-        s.sendall(body[10:])
-        reply = b"".join(iter(lambda: s.recv(65536), b""))
-        closer.join(10)
-    assert not closer.is_alive()
-    assert reply.startswith(b"HTTP/1.0 200") and b'"label": "green"' in reply
-
-
-def test_idle_connection_does_not_block_shutdown(classifier):
-    srv, thread = _start(classifier, timeout_s=0.5)
-    with socket.create_connection(srv.server_address[:2], timeout=10):
-        time.sleep(0.1)
-        start = time.monotonic()
-        _stop(srv, thread)
-        assert time.monotonic() - start < 5
+    # Every good image went through the model once, in runs of one or more (batching).
+    metrics = server.state.metrics
+    assert metrics.sample("tledge_batch_size_sum") >= 96
 
 
 def test_config_validation_and_busy_port(classifier):
-    for bad in ({"max_bytes": 0}, {"max_queue": -1}, {"topk": 1.5}, {"port": 70000}):
+    for bad in ({"max_bytes": 0}, {"max_queue": -1}, {"topk": 1.5}, {"port": 70000}, {"timeout_s": 0},
+                {"body_memory": 10, "max_bytes": 20}, {"ssl_certfile": "c.pem"}, {"name": "a/b"}):
         with pytest.raises(TledgeError):
             ServeConfig(**bad)
-    srv, thread = _start(classifier)
-    try:
+    with running(classifier) as srv:
         with pytest.raises(TledgeError) as e:
-            PredictionServer(classifier, ServeConfig(port=srv.server_address[1]))
+            Server(classifier, ServeConfig(port=srv.port))
         assert "--port" in e.value.hint
-    finally:
-        _stop(srv, thread)
+
+
+def _start_cli(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "tledge_runtime.cli", "serve", *args], stderr=subprocess.PIPE,
+                            text=True, env=env)
+    lines = []
+    while True:
+        line = proc.stderr.readline()
+        assert line, "server exited early: " + "".join(lines)
+        lines.append(line)
+        if m := re.search(r"on http://([\d.]+):(\d+)", line):
+            assert any("backend ort-cpu (" in line for line in lines)  # the one-line backend choice
+            return proc, m.group(1), int(m.group(2))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cli_serve_stops_cleanly_on_signals(models, images, sig):
-    proc = subprocess.Popen([sys.executable, "-m", "tledge_runtime.cli", "serve", str(models["fp32"]), "--port", "0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc, host, port = _start_cli([str(models["fp32"]), "--port", "0"])
     try:
-        lines = []
-        while True:
-            line = proc.stderr.readline()
-            assert line, "server exited early: " + "".join(lines)
-            lines.append(line)
-            if m := re.search(r"on http://([\d.]+):(\d+)", line):
-                break
-        assert any("backend ort-cpu (" in line for line in lines)  # the one-line backend choice
-        conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=10)
+        conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.request("POST", "/predict", body=images["blue"][0].read_bytes())
         assert json.loads(conn.getresponse().read())["label"] == "blue"
-        conn.close()
+        # An idle keep-alive connection stays open across the signal: it must not hold the shutdown.
         proc.send_signal(sig)
         assert proc.wait(timeout=15) == 0
+        conn.close()
         rest = proc.stderr.read()
         assert "server stopped" in rest and "Traceback" not in rest
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_serve_options_reach_the_server(models, images):
+    proc, host, port = _start_cli([str(models["fp32"]), "--port", "0", "--name", "colours", "--max-bytes", "1000",
+                                   "--timeout", "7", "--topk", "2"])
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("GET", "/info")
+        info = json.loads(conn.getresponse().read())
+        assert info["names"] == ["colours", "colours_image"]
+        assert info["limits"]["max_bytes"] == 1000 and info["limits"]["timeout_s"] == 7
+        conn.request("GET", "/v2/models/colours")
+        assert json.loads(conn.getresponse().read())["name"] == "colours"
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_a_sigterm_with_requests_in_flight_answers_them(classifier, images):
+    body = images["green"][2].read_bytes()
+    with running(classifier, grace_s=5.0) as srv:
+        with socket.create_connection(address(srv), timeout=10) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
+            time.sleep(0.2)  # the request is admitted and waits for the rest of its body
+            stopper = threading.Thread(target=srv.stop)
+            stopper.start()
+            time.sleep(0.2)
+            s.sendall(body[10:])
+            reply = b"".join(iter(lambda: s.recv(65536), b""))
+            stopper.join(10)
+    assert not stopper.is_alive()
+    assert reply.startswith(b"HTTP/1.1 200") and b'"label":"green"' in reply.replace(b" ", b"")
