@@ -27,9 +27,9 @@ EXIT_USER_ERROR = exits.BAD_INPUT
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
-    _log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
     try:
+        args = _parser().parse_args(argv)
+        _log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
         return args.run(args)
     except TledgeError as e:
         print(exits.tledge_error_line(e), file=sys.stderr)
