@@ -249,10 +249,13 @@ class _Handlers:
 
     async def _infer(self, request: Request, model: Served, body: bytes, deadline: float) -> Response:
         req = await self._in_thread(oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH))
-        names = {o.name for o in model.outputs}
-        for o in req.outputs or ():
-            if o.name not in names:
-                raise HTTPError(400, f"model {model.name!r} has no output {o.name!r}", f"ask for {', '.join(sorted(names))}")
+        specs = {o.name: o for o in model.outputs}
+        for o in req.outputs or ():  # checked before any decoding or model time is spent
+            if o.name not in specs:
+                raise HTTPError(400, f"model {model.name!r} has no output {o.name!r}", f"ask for {', '.join(specs)}")
+            if o.classification and not specs[o.name].labelled:
+                raise HTTPError(400, f"output {o.name!r} has no labels to classify with",
+                                f"ask for classification on {', '.join(s.name for s in model.outputs if s.labelled)}")
         x = _one_input(req, model)
         if model.image:
             images = await self._in_thread(_prepare_many, self.s.classifier, x.array)
@@ -279,9 +282,6 @@ class _Handlers:
         for o in wanted:
             spec, values = specs[o.name], results[o.name]
             if o.classification:
-                if not spec.labelled:
-                    raise HTTPError(400, f"output {o.name!r} has no labels to classify with",
-                                    f"ask for classification on {', '.join(s.name for s in model.outputs if s.labelled)}")
                 values = oip.classification(values, self.s.classifier.labels, o.classification)
                 tensors.append(oip.Tensor(o.name, "BYTES", values))
             else:
