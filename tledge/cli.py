@@ -49,6 +49,9 @@ class _Group(click.Group):
         except _Failed as e:
             click.echo(e.line, err=True)
             sys.exit(e.exit_code)
+        except TledgeError as e:  # raised while Click parsed the options (a callback), outside invoke()
+            click.echo(exits.tledge_error_line(e), err=True)
+            sys.exit(exits.exit_status(e))
         except click.UsageError as e:
             command = e.ctx.command_path if e.ctx else "tledge"
             click.echo(exits.error_line(e.format_message(), f"see `{command} --help`"), err=True)

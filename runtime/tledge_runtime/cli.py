@@ -20,7 +20,7 @@ from typing import Any, NoReturn, Sequence
 
 from . import __version__, exits
 from .errors import ImageError, TledgeError
-from .text import printable
+from .text import printable, printable_lines
 
 EXIT_USER_ERROR = exits.BAD_INPUT
 
@@ -55,7 +55,7 @@ class _StderrHandler(logging.Handler):
     """Writes to whatever sys.stderr is at the time (the CLI may run many times in one process, as in tests)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(printable(self.format(record)), file=sys.stderr)  # messages carry file names
+        print(printable_lines(self.format(record)), file=sys.stderr)  # messages carry file names
 
 
 def _log_to_stderr(level: int) -> None:
