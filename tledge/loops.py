@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -14,21 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import Dist, all_sum
+from .config import FinetuneConfig
+from .distributed import all_sum
 from .progress import progress
+from .run import EpochStats, Run
 from .transforms import BatchAugment, Normalize
-
-
-@dataclass
-class EpochStats:
-    loss: float
-    acc: float
-    images: int
-    seconds: float
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -126,45 +115,36 @@ def train_head_epoch(head: nn.Module, dropout: nn.Module, feats: torch.Tensor, l
     return EpochStats(total_loss / max(n, 1), correct / max(n, 1), n, time.perf_counter() - t0)
 
 
-def train_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, augment: BatchAugment,
-                normalize: Normalize, opt: torch.optim.Optimizer, set_lr: Callable[[int], None], step0: int,
-                shuffle_gen: torch.Generator, aug_gen: torch.Generator, batch_size: int, label_smoothing: float,
-                d: Dist, amp: bool, scaler: Optional[torch.amp.GradScaler], freeze_bn: bool, desc: str) -> EpochStats:
-    """One epoch of full fine-tuning with augmentation; returns global (all-process) loss and accuracy."""
+def train_epoch(run: Run, model: nn.Module, opt: torch.optim.Optimizer, set_lr: Callable[[int], None],
+                augment: BatchAugment, scaler: Optional[torch.amp.GradScaler]) -> EpochStats:
+    """One epoch of fine-tuning with augmentation over ``run``'s training images; returns global
+    (all-process) loss and accuracy. ``model`` is the run's network, or its DistributedDataParallel wrapper."""
+    cfg, d = run.cfg, run.dist
+    images, labels = run.train.images, run.train.labels
     model.train()
-    if freeze_bn:
+    if not cfg.train_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     # The same permutation on every process; each takes its own slice, all of equal length.
-    perm = torch.randperm(len(labels), generator=shuffle_gen)
+    perm = torch.randperm(len(labels), generator=run.shuffle_gen)
     per_rank = len(perm) // d.world
     mine = perm[d.rank * per_rank:(d.rank + 1) * per_rank] if d.enabled else perm
-    local_bs = max(1, batch_size // d.world)
+    local_bs = max(1, cfg.batch_size // d.world)
     steps = math.ceil(len(mine) / local_bs)
     labels_t = torch.from_numpy(labels)
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     t0 = time.perf_counter()
-    bar = progress(total=steps, desc=desc, unit="batch", leave=False)
+    bar = progress(total=steps, desc=f"epoch {run.state.epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
     for step in range(steps):
         rows = mine[step * local_bs:(step + 1) * local_bs]
-        set_lr(step0 + step)
-        batch = augment(torch.from_numpy(images[rows.numpy()]), aug_gen)
-        x = normalize(batch.to(d.device, non_blocking=True))
+        set_lr(run.state.step + step)
+        batch = augment(torch.from_numpy(images[rows.numpy()]), run.aug_gen)
+        x = run.normalize(batch.to(d.device, non_blocking=True))
         y = labels_t[rows].to(d.device, non_blocking=True)
-        with autocast(d.device, amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        loss, logits = _step(model, opt, scaler, x, y, cfg)
         n = len(rows)
-        sums += torch.tensor([loss.item() * n, float((logits.argmax(1) == y).sum()), n], dtype=torch.float64)
+        sums += torch.tensor([loss * n, float((logits.argmax(1) == y).sum()), n], dtype=torch.float64)
         bar.update(1)
         seen = sums[2].item() * d.world
         bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.3f}", acc=f"{100 * sums[1].item() / sums[2].item():.1f}%",
@@ -174,6 +154,23 @@ def train_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, aug
     sums = all_sum(d, sums)
     n = int(sums[2].item())
     return EpochStats(sums[0].item() / max(n, 1), sums[1].item() / max(n, 1), n, seconds)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], x: torch.Tensor,
+          y: torch.Tensor, cfg: FinetuneConfig) -> tuple[float, torch.Tensor]:
+    """One optimizer step (mixed precision on CUDA); returns the loss and the logits."""
+    with autocast(x.device, cfg.amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return loss.item(), logits
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

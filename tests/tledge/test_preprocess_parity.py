@@ -95,16 +95,20 @@ def test_torch_normalize_is_bitwise_the_runtime_normalizer(files):
 @pytest.mark.parametrize("p", PREPROCESS[:2], ids=IDS[:2])
 def test_cached_head_features_are_the_backbone_on_the_device_tensor(files, p):
     """The head warm-up trains on features of exactly the tensor the exported model will be given."""
+    from tledge.config import FinetuneConfig
     from tledge.distributed import Dist
-    from tledge.finetune import FinetuneConfig, _train_features
     from tledge.models import create_model
+    from tledge.phases import train_features
+    from tledge.run import Run, TrainState
 
     torch.manual_seed(0)
     net = create_model("efficientnet_lite0", 2, "none").eval()
     samples = [Sample(path, k % 2) for k, path in enumerate(files)]
     train = decode_images(samples, train_geometry(p), p, workers=2)
     cfg = FinetuneConfig(data="unused", batch_size=4, img_size=p.height)
-    feats, labels = _train_features(net, train, Normalize(p), cfg, Dist())
+    run = Run(cfg, Dist(), files[0].parent, None, p, train, train, train, net, Normalize(p), TrainState(),
+              torch.Generator(), torch.Generator())
+    feats, labels = train_features(run)
     n = len(files)
     with torch.no_grad():
         for i, path in enumerate(files):

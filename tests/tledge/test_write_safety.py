@@ -19,7 +19,8 @@ from PIL import Image
 from tledge.cli import main
 from tledge.data import load_splits
 from tledge.errors import ConfigError, DataError
-from tledge.finetune import RUN_MARKER, FinetuneConfig, finetune
+from tledge.finetune import FinetuneConfig, finetune
+from tledge.runfolder import RUN_MARKER
 
 from ..datasets import TINY, make_dataset
 
