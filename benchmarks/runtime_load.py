@@ -1,4 +1,4 @@
-"""Load test of tledge-runtime: many threads on one Classifier, then the HTTP server under concurrent clients.
+"""Load test of tledge-runtime: many threads on one Classifier, then the HTTP server against the old one.
 
     python benchmarks/runtime_load.py [--model model.onnx] [--threads 8] [--per-thread 1000] [--http-seconds 10]
 
@@ -8,10 +8,17 @@ every good answer must equal the serial one, every bad input must raise ImageErr
 anything else is an error. RSS is sampled before, halfway and after, to show memory
 is stable.
 
-Part 2: the HTTP server on loopback, ``--clients`` clients for ``--http-seconds`` seconds,
-one request in five bad (junk bytes, empty body, oversized body, wrong method, wrong
-path). Reports requests/s, latency percentiles, the answers by status, client-side
-errors, and whether the server is still healthy at the end.
+Part 2: ``tledge-runtime serve`` (uvicorn + starlette) beside the server it replaced (the
+http.server one of commit a5d733c, loaded from git history into a temporary module), each in
+a process of its own, same model, same clients, same run:
+  a. keep-alive clients (one connection each, reused while the server allows it) at 8 and 64
+     concurrency for ``--http-seconds``: requests/s, p50/p99, answers, connection errors;
+  b. 256 clients connecting at once: connection errors;
+  c. 64 clients each sending a maximum-size body (a JPEG padded to ``--max-bytes``): answers
+     and the server's peak RSS against the stated budget;
+  d. 16 slow senders (one body byte a second) while 8 clients are served: their throughput
+     and latency, and whether and when the slow senders are cut off;
+  e. SIGTERM with slow senders and idle connections open: seconds until the process exits.
 
 Without ``--model`` a small convolutional classifier (224x224, 3 classes, made here
 with onnx.helper) stands in, so the numbers show the runtime's own cost: decoding,
@@ -23,20 +30,25 @@ from __future__ import annotations
 import argparse
 import http.client
 import io
+import json
 import os
 import platform
+import re
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 from tledge_runtime import Classifier
 from tledge_runtime.errors import ImageError
-from tledge_runtime.serve import PredictionServer, ServeConfig
 
 COLOURS = {"red": (220, 30, 40), "green": (30, 200, 50), "blue": (40, 50, 210)}
 
@@ -205,85 +217,321 @@ def thread_load(clf: Classifier, threads: int, per_thread: int) -> None:
           f"(growth in the second half: {rss['after'] - half:+.1f})")
 
 
-# --------------------------------------------------------------------------- part 2: HTTP
+# --------------------------------------------------------------------------- part 2: HTTP, new server and old
+
+OLD_COMMIT = "a5d733c"  # the last commit with the http.server implementation
+ROOT = Path(__file__).resolve().parents[1]
+RSS_BUDGET_MIB = 400  # DESIGN.md: the runtime process stays under 400 MB under hostile load
+OLD_RUNNER = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("tledge_runtime.serve_old", sys.argv[1])
+old = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = old
+spec.loader.exec_module(old)
+from tledge_runtime import Classifier
+clf = Classifier(sys.argv[2])
+ready = lambda server: print("listening on " + server.url, file=sys.stderr, flush=True)
+old.serve(clf, old.ServeConfig(port=0, max_bytes=int(sys.argv[3]), max_queue=64), on_ready=ready)
+"""
 
 
-def http_load(clf: Classifier, clients: int, seconds: float, max_bytes: int) -> None:
-    server = PredictionServer(clf, ServeConfig(port=0, max_bytes=max_bytes, max_queue=64, timeout_s=10.0))
-    runner = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    runner.start()
-    host, port = server.server_address[:2]
-    frames = camera_frames(9)
-    good = [(jpeg(f), ["red", "green", "blue"][i % 3]) for i, f in enumerate(frames)]
-    bad = [("POST", "/predict", b"junk bytes", 400), ("POST", "/predict", b"", 400),
-           ("POST", "/predict", b"\x00" * (max_bytes + 1), 413), ("GET", "/predict", None, 405),
-           ("POST", "/nowhere", b"x", 404)]
-    statuses, unexpected, conn_errors = Counter(), [], Counter()
+class ServerProcess:
+    """A server in a process of its own (its GIL and memory apart from the clients'), on a free loopback port."""
+
+    def __init__(self, kind: str, cmd: list[str]):
+        self.kind = kind
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        lines = []
+        while True:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"{kind} server did not start:\n" + "".join(lines))
+            lines.append(line)
+            if m := re.search(r"on http://([\d.]+):(\d+)", line):
+                self.host, self.port = m.group(1), int(m.group(2))
+                break
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()  # keep the pipe drained
+
+    def status_kib(self, key: str) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return float(line.split()[1])
+        return float("nan")
+
+    def peak_rss_mib(self) -> float:
+        return self.status_kib("VmHWM") / 1024.0
+
+    def stop(self, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> Optional[float]:
+        """Seconds from the signal to the exit, or None when it had to be killed after ``wait_s``."""
+        start = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=wait_s)
+            return time.monotonic() - start
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+
+def old_server_source(folder: Path) -> Optional[Path]:
+    try:
+        text = subprocess.run(["git", "show", f"{OLD_COMMIT}:runtime/tledge_runtime/serve.py"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"(the old server is not available from git: {e}; its columns stay empty)")
+        return None
+    path = folder / "serve_old.py"
+    path.write_text(text)
+    return path
+
+
+def start(kind: str, model: Path, old_source: Optional[Path], max_bytes: int, *, timeout_s: float = 30.0,
+          grace_s: float = 10.0) -> Optional[ServerProcess]:
+    if kind == "old":
+        if old_source is None:
+            return None
+        return ServerProcess("old", [sys.executable, "-c", OLD_RUNNER, str(old_source), str(model), str(max_bytes)])
+    return ServerProcess("new", [sys.executable, "-m", "tledge_runtime.cli", "serve", str(model), "--port", "0",
+                                 "--max-bytes", str(max_bytes), "--timeout", str(timeout_s), "--grace", str(grace_s)])
+
+
+def keepalive_load(server: ServerProcess, clients: int, seconds: float, good: list[tuple[bytes, str]]) -> dict:
+    """Each client keeps one connection and reuses it (http.client reconnects when a server closes it)."""
+    statuses, errors = Counter(), Counter()
     latencies: list[float] = []
+    wrong: list[str] = []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
-    rss_before = rss_mib()
 
     def client(c: int) -> None:
-        i = 0
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        i = c
         while time.monotonic() < deadline:
+            body, label = good[i % len(good)]
             i += 1
-            if i % 5 == 0:
-                method, path, body, want = bad[(c + i) % len(bad)]
-                label = None
-            else:
-                (body, label), method, path, want = good[(c + i) % len(good)], "POST", "/predict", 200
             t0 = time.perf_counter()
-            conn = http.client.HTTPConnection(host, port, timeout=30)
             try:
-                conn.request(method, path, body=body)
+                conn.request("POST", "/predict", body=body)
                 resp = conn.getresponse()
                 data = resp.read()
-                status = resp.status
             except (OSError, http.client.HTTPException) as e:
                 with lock:
-                    conn_errors[type(e).__name__] += 1
-                continue
-            finally:
+                    errors[type(e).__name__] += 1
                 conn.close()
+                conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+                continue
             took = (time.perf_counter() - t0) * 1000.0
             with lock:
-                statuses[status] += 1
-                if status == 200 and label is not None:
+                statuses[resp.status] += 1
+                if resp.status == 200:
                     latencies.append(took)
-                    if b'"label": "%s"' % label.encode() not in data:
-                        unexpected.append(f"wrong label for {label}: {data[:80]!r}")
-                elif status != want and status != 503:
-                    unexpected.append(f"{method} {path}: {status}, expected {want}")
+                    if json.loads(data)["label"] != label:
+                        wrong.append(f"{label}: {data[:80]!r}")
+        conn.close()
 
-    start = time.perf_counter()
+    start_t = time.perf_counter()
     pool = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for th in pool:
         th.start()
-    samples = []  # RSS at each third of the run: growth that continues would show here
-    for k in (1, 2):
-        time.sleep(max(0.0, start + seconds * k / 3 - time.perf_counter()))
-        samples.append(rss_mib())
     for th in pool:
         th.join()
-    elapsed = time.perf_counter() - start
-    samples.append(rss_mib())
-    conn = http.client.HTTPConnection(host, port, timeout=10)
-    conn.request("GET", "/health")
-    health = conn.getresponse().status
-    conn.close()
-    server.shutdown()
-    runner.join()
-    server.close()
-    total = sum(statuses.values())
-    print(f"\n## Part 2: HTTP server on loopback, {clients} concurrent clients for {seconds:.0f} s, 1 request in 5 bad")
-    print(f"requests answered: {total} in {elapsed:.2f} s = {total / elapsed:.0f} requests/s")
-    print("answers by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
-    print(f"good requests: p50 {pct(latencies, 50):.1f} ms, p99 {pct(latencies, 99):.1f} ms (client-side, per request)")
-    print(f"unexpected answers: {len(unexpected)}" + "".join(f"\n  {u}" for u in unexpected[:10]))
-    print(f"connection errors: {sum(conn_errors.values())}" + (f" {dict(conn_errors)}" if conn_errors else ""))
-    print(f"server healthy afterwards: {health == 200} (GET /health -> {health})")
-    print(f"RSS MiB: before {rss_before:.1f}, at 1/3 {samples[0]:.1f}, at 2/3 {samples[1]:.1f}, end {samples[2]:.1f}")
+    elapsed = time.perf_counter() - start_t
+    return {"ok_rps": statuses[200] / elapsed, "p50": pct(latencies, 50), "p99": pct(latencies, 99),
+            "statuses": dict(sorted(statuses.items())), "errors": sum(errors.values()), "error_kinds": dict(errors),
+            "wrong": len(wrong)}
+
+
+def burst(server: ServerProcess, clients: int) -> dict:
+    """``clients`` connections opened at the same moment, one GET /health each."""
+    barrier = threading.Barrier(clients)
+    ok, errors = Counter(), Counter()
+    lock = threading.Lock()
+
+    def client() -> None:
+        barrier.wait()
+        try:
+            with socket.create_connection((server.host, server.port), timeout=30) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                reply = b"".join(iter(lambda: s.recv(65536), b""))
+            with lock:
+                ok[reply.split(b" ", 2)[1].decode() if reply else "empty"] += 1
+        except OSError as e:
+            with lock:
+                errors[type(e).__name__] += 1
+
+    pool = [threading.Thread(target=client) for _ in range(clients)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return {"answers": dict(ok), "errors": sum(errors.values()), "error_kinds": dict(errors)}
+
+
+def big_bodies(server: ServerProcess, clients: int, body: bytes, rounds: int = 2) -> dict:
+    """``clients`` clients at once, each sending ``rounds`` maximum-size bodies; the server's peak RSS."""
+    statuses, errors = Counter(), Counter()
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def client() -> None:
+        barrier.wait()
+        for _ in range(rounds):
+            conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+            try:
+                conn.request("POST", "/predict", body=body)
+                resp = conn.getresponse()
+                resp.read()
+                with lock:
+                    statuses[resp.status] += 1
+            except (OSError, http.client.HTTPException) as e:
+                with lock:
+                    errors[type(e).__name__] += 1
+            finally:
+                conn.close()
+
+    before = server.peak_rss_mib()
+    pool = [threading.Thread(target=client) for _ in range(clients)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return {"statuses": dict(sorted(statuses.items())), "errors": sum(errors.values()), "rss_before": before,
+            "peak_rss": server.peak_rss_mib()}
+
+
+class SlowSenders:
+    """Clients that announce a body and send one byte of it a second, until the server cuts them off."""
+
+    def __init__(self, server: ServerProcess, count: int, declared: int = 100_000, interval_s: float = 1.0):
+        self.cut_after: list[float] = []
+        self.replies: Counter = Counter()
+        self._stop = threading.Event()
+        self._sockets = []
+        self._threads = [threading.Thread(target=self._run, args=(server, declared, interval_s), daemon=True)
+                         for _ in range(count)]
+        for th in self._threads:
+            th.start()
+
+    def _run(self, server: ServerProcess, declared: int, interval_s: float) -> None:
+        start_t = time.monotonic()
+        try:
+            s = socket.create_connection((server.host, server.port), timeout=interval_s)
+        except OSError:
+            return
+        self._sockets.append(s)
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % declared)
+        while not self._stop.is_set():
+            try:
+                s.sendall(b"x")
+                reply = s.recv(65536)  # a timeout here means the server is still waiting for us
+                self.replies[reply.split(b" ", 2)[1].decode() if reply else "closed"] += 1
+                self.cut_after.append(time.monotonic() - start_t)
+                return
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stop.is_set():  # closed by us at the end of the run: the server never cut it off
+                    break
+                self.replies["reset"] += 1
+                self.cut_after.append(time.monotonic() - start_t)
+                return
+        self.replies["still connected at the end"] += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        for s in self._sockets:
+            s.close()
+        for th in self._threads:
+            th.join(5)
+
+
+def sigterm_with_slow_clients(server: ServerProcess, slow: int, idle: int) -> Optional[float]:
+    senders = SlowSenders(server, slow)
+    idle_socks = [socket.create_connection((server.host, server.port), timeout=5) for _ in range(idle)]
+    time.sleep(1.0)  # the slow requests are admitted and waiting for their bodies
+    took = server.stop(signal.SIGTERM, wait_s=30.0)
+    senders.close()
+    for s in idle_socks:
+        s.close()
+    return took
+
+
+def http_comparison(model: Path, seconds: float, max_bytes: int) -> None:
+    frames = camera_frames(9)
+    good = [(jpeg(f), ["red", "green", "blue"][i % 3]) for i, f in enumerate(frames)]
+    big = good[0][0] + b"\0" * (max_bytes - len(good[0][0]))  # a real JPEG padded to the limit: Pillow stops at EOI
+    with tempfile.TemporaryDirectory() as tmp:
+        old_source = old_server_source(Path(tmp))
+        kinds = ["new", "old"]
+        print(f"\n## Part 2: HTTP, tledge-runtime serve (uvicorn + starlette, this tree) vs the old http.server "
+              f"server ({OLD_COMMIT}), each in its own process, same run")
+        print(f"requests: POST /predict with 640x480 JPEG bytes; --max-bytes {max_bytes}")
+
+        print(f"\n### a. keep-alive clients, {seconds:.0f} s each")
+        print("| server | clients | requests/s (200) | p50 ms | p99 ms | answers | connection errors | wrong labels |")
+        print("|---|---:|---:|---:|---:|---|---:|---:|")
+        for clients in (8, 64):
+            for kind in kinds:
+                server = start(kind, model, old_source, max_bytes)
+                if server is None:
+                    continue
+                r = keepalive_load(server, clients, seconds, good)
+                server.stop(signal.SIGKILL)
+                print(f"| {kind} | {clients} | {r['ok_rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['statuses']} | "
+                      f"{r['errors']}{' ' + str(r['error_kinds']) if r['errors'] else ''} | {r['wrong']} |")
+
+        print("\n### b. 256 clients connecting at once (GET /health)")
+        print("| server | answers | connection errors |")
+        print("|---|---|---:|")
+        for kind in kinds:
+            server = start(kind, model, old_source, max_bytes)
+            if server is None:
+                continue
+            r = burst(server, 256)
+            server.stop(signal.SIGKILL)
+            print(f"| {kind} | {r['answers']} | {r['errors']}{' ' + str(r['error_kinds']) if r['errors'] else ''} |")
+
+        print(f"\n### c. 64 clients x 2 bodies of {max_bytes / 2**20:.0f} MiB each (budget: peak RSS under "
+              f"{RSS_BUDGET_MIB} MiB)")
+        print("| server | answers | connection errors | RSS before MiB | peak RSS MiB | within budget |")
+        print("|---|---|---:|---:|---:|---|")
+        for kind in kinds:
+            server = start(kind, model, old_source, max_bytes)
+            if server is None:
+                continue
+            r = big_bodies(server, 64, big)
+            server.stop(signal.SIGKILL)
+            print(f"| {kind} | {r['statuses']} | {r['errors']} | {r['rss_before']:.0f} | {r['peak_rss']:.0f} | "
+                  f"{'yes' if r['peak_rss'] < RSS_BUDGET_MIB else 'NO'} |")
+
+        print(f"\n### d. 16 slow senders (1 body byte/s) while 8 keep-alive clients are served for {seconds:.0f} s "
+              "(new: --timeout 5)")
+        print("| server | requests/s (200) | p50 ms | p99 ms | connection errors | slow senders cut off | "
+              "cut off after s (median) | their answers |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        for kind in kinds:
+            server = start(kind, model, old_source, max_bytes, timeout_s=5.0)
+            if server is None:
+                continue
+            senders = SlowSenders(server, 16)
+            r = keepalive_load(server, 8, seconds, good)
+            senders.close()
+            cut = list(senders.cut_after)
+            server.stop(signal.SIGKILL)
+            median = f"{float(np.median(cut)):.1f}" if cut else "-"
+            print(f"| {kind} | {r['ok_rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} | {len(cut)}/16 | "
+                  f"{median} | {dict(senders.replies)} |")
+
+        print("\n### e. SIGTERM with 16 slow senders and 16 idle connections open (new: --grace 3)")
+        print("| server | exited after s |")
+        print("|---|---:|")
+        for kind in kinds:
+            server = start(kind, model, old_source, max_bytes, grace_s=3.0)
+            if server is None:
+                continue
+            took = sigterm_with_slow_clients(server, 16, 16)
+            print(f"| {kind} | {f'{took:.1f}' if took is not None else 'did not exit in 30 s (killed)'} |")
 
 
 def main() -> int:
@@ -291,18 +539,20 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="a tledge .onnx model (default: a small stand-in made here)")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--per-thread", type=int, default=1000)
-    parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--http-seconds", type=float, default=10.0)
-    parser.add_argument("--ort-threads", type=int, default=None, help="intra-op threads per inference")
+    parser.add_argument("--max-bytes", type=int, default=10 << 20, help="the servers' body limit (default: 10 MiB)")
+    parser.add_argument("--ort-threads", type=int, default=None, help="intra-op threads per inference (part 1)")
+    parser.add_argument("--skip-threads", action="store_true", help="run part 2 only")
     args = parser.parse_args()
     print("# tledge-runtime load test")
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or stand_in_model(Path(tmp) / "stand_in.onnx")
         print(f"model: {model.name}" + (" (stand-in: 2 convolutions, 224x224, 3 classes)" if not args.model else ""))
-        with Classifier(model, threads=args.ort_threads) as clf:
-            thread_load(clf, args.threads, args.per_thread)
-            http_load(clf, args.clients, args.http_seconds, max_bytes=1 << 20)
+        if not args.skip_threads:
+            with Classifier(model, threads=args.ort_threads) as clf:
+                thread_load(clf, args.threads, args.per_thread)
+        http_comparison(model, args.http_seconds, args.max_bytes)
     return 0
 
 
