@@ -235,6 +235,15 @@ old.serve(clf, old.ServeConfig(port=0, max_bytes=int(sys.argv[3]), max_queue=64)
 """
 
 
+class Connection(http.client.HTTPConnection):
+    """http.client with TCP_NODELAY, as curl, urllib3 and tritonclient set it: a keep-alive client that writes
+    headers and body apart with Nagle on waits for the server's delayed ACK, 40 ms a request."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class ServerProcess:
     """A server in a process of its own (its GIL and memory apart from the clients'), on a free loopback port."""
 
@@ -305,7 +314,7 @@ def keepalive_load(server: ServerProcess, clients: int, seconds: float, good: li
     deadline = time.monotonic() + seconds
 
     def client(c: int) -> None:
-        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        conn = Connection(server.host, server.port, timeout=30)
         i = c
         while time.monotonic() < deadline:
             body, label = good[i % len(good)]
@@ -319,7 +328,7 @@ def keepalive_load(server: ServerProcess, clients: int, seconds: float, good: li
                 with lock:
                     errors[type(e).__name__] += 1
                 conn.close()
-                conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+                conn = Connection(server.host, server.port, timeout=30)
                 continue
             took = (time.perf_counter() - t0) * 1000.0
             with lock:
@@ -377,7 +386,7 @@ def big_bodies(server: ServerProcess, clients: int, body: bytes, rounds: int = 2
     def client() -> None:
         barrier.wait()
         for _ in range(rounds):
-            conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+            conn = Connection(server.host, server.port, timeout=60)
             try:
                 conn.request("POST", "/predict", body=body)
                 resp = conn.getresponse()

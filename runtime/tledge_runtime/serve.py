@@ -244,8 +244,21 @@ def _require_extra() -> Any:
 def _listen(config: ServeConfig) -> socket.socket:
     """The listening socket, bound now: a busy port is a clear error, and the backlog absorbs bursts."""
     try:
-        family = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((config.host, config.port), family=family, backlog=config.backlog)
+        family, kind, proto, _, addr = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
+                                                          proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)[0]
+        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without it
+        # a keep-alive answer written as headers + body waits for the client's delayed ACK (40 ms a request).
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(addr)
+            sock.listen(config.backlog)
+        except OSError:
+            sock.close()
+            raise
+        return sock
     except OSError as e:
         raise TledgeError(f"cannot listen on {config.host}:{config.port} ({e.strerror or e})",
                           hint="pick another --port, or stop the process that holds it") from None
