@@ -116,3 +116,17 @@ def test_runs_as_a_non_root_user():
 @pytest.mark.parametrize("instruction", ["HEALTHCHECK", "CMD", "USER"])
 def test_required_instructions_present_once(instruction):
     assert [w for w, _ in _instructions()].count(instruction) == 1
+
+
+def test_serve_example_is_secure_and_the_serve_extra_is_installed():
+    text = DOCKERFILE.read_text()
+    commands = re.sub(r"\\\n#?\s*", " ", text)  # join continued lines, commented or not
+    serving = [line for line in commands.splitlines() if "tledge-runtime serve" in line]
+    assert serving, "the Dockerfile shows how to serve"
+    for line in serving:
+        if "--host 0.0.0.0" in line:  # off loopback: a token (or an explicit --insecure) on the same command
+            assert "-e TLEDGE_TOKEN" in line or "--token" in line or "--insecure" in line, line
+    serve_extra = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["serve"]
+    installed = {_norm(re.match(r"[A-Za-z0-9._-]+", t).group(0)) for args in _pip_installs() for t in args
+                 if re.match(r"[A-Za-z0-9]", t) and not t.startswith("http")}
+    assert {_norm(re.match(r"[A-Za-z0-9._-]+", r).group(0)) for r in serve_extra} <= installed

@@ -241,3 +241,10 @@ def test_a_sigterm_with_requests_in_flight_answers_them(classifier, images):
             stopper.join(10)
     assert not stopper.is_alive()
     assert reply.startswith(b"HTTP/1.1 200") and b'"label":"green"' in reply.replace(b" ", b"")
+
+
+def test_the_runtime_and_its_cli_import_no_web_stack():
+    code = ("import sys, tledge_runtime, tledge_runtime.cli, tledge_runtime.served_model, tledge_runtime.oip; "
+            "print(sorted(m for m in ('uvicorn', 'starlette', 'prometheus_client', 'anyio', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
