@@ -43,7 +43,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -270,7 +269,7 @@ class ServerProcess:
     def peak_rss_mib(self) -> float:
         return self.status_kib("VmHWM") / 1024.0
 
-    def stop(self, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> Optional[float]:
+    def stop(self, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> float | None:
         """Seconds from the signal to the exit, or None when it had to be killed after ``wait_s``."""
         start = time.monotonic()
         self.proc.send_signal(sig)
@@ -283,7 +282,7 @@ class ServerProcess:
             return None
 
 
-def old_server_source(folder: Path) -> Optional[Path]:
+def old_server_source(folder: Path) -> Path | None:
     try:
         text = subprocess.run(["git", "show", f"{OLD_COMMIT}:runtime/tledge_runtime/serve.py"], cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout
@@ -295,8 +294,8 @@ def old_server_source(folder: Path) -> Optional[Path]:
     return path
 
 
-def start(kind: str, model: Path, old_source: Optional[Path], max_bytes: int, *, timeout_s: float = 30.0,
-          grace_s: float = 10.0) -> Optional[ServerProcess]:
+def start(kind: str, model: Path, old_source: Path | None, max_bytes: int, *, timeout_s: float = 30.0,
+          grace_s: float = 10.0) -> ServerProcess | None:
     if kind == "old":
         if old_source is None:
             return None
@@ -437,7 +436,7 @@ class SlowSenders:
                 self.replies[reply.split(b" ", 2)[1].decode() if reply else "closed"] += 1
                 self.cut_after.append(time.monotonic() - start_t)
                 return
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 if self._stop.is_set():  # closed by us at the end of the run: the server never cut it off
@@ -455,7 +454,7 @@ class SlowSenders:
             th.join(5)
 
 
-def sigterm_with_slow_clients(server: ServerProcess, slow: int, idle: int) -> Optional[float]:
+def sigterm_with_slow_clients(server: ServerProcess, slow: int, idle: int) -> float | None:
     senders = SlowSenders(server, slow)
     idle_socks = [socket.create_connection((server.host, server.port), timeout=5) for _ in range(idle)]
     time.sleep(1.0)  # the slow requests are admitted and waiting for their bodies

@@ -14,7 +14,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -47,19 +47,19 @@ class Tensor:
 @dataclass(frozen=True)
 class RequestedOutput:
     name: str
-    binary: Optional[bool]  # None: the request's default
+    binary: bool | None  # None: the request's default
     classification: int  # 0: the tensor itself; k: the k best classes as "score:index:label" strings
 
 
 @dataclass(frozen=True)
 class InferRequest:
-    id: Optional[str]
+    id: str | None
     inputs: tuple[Tensor, ...]
-    outputs: Optional[tuple[RequestedOutput, ...]]  # None: every output
+    outputs: tuple[RequestedOutput, ...] | None  # None: every output
     binary_output: bool  # the request's ``binary_data_output`` parameter
 
 
-def parse_infer_request(body: bytes, header_length: Optional[str]) -> InferRequest:
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     """Decode an inference request body; ``header_length``: the Inference-Header-Content-Length header, if sent."""
     if header_length is None:
         header, binary = body, b""
@@ -98,7 +98,7 @@ def parse_infer_request(body: bytes, header_length: Optional[str]) -> InferReque
     return InferRequest(request_id, tuple(tensors), requested, bool(params.get("binary_data_output", False)))
 
 
-def encode_infer_response(model: str, request: InferRequest, outputs: list[Tensor]) -> tuple[bytes, Optional[int]]:
+def encode_infer_response(model: str, request: InferRequest, outputs: list[Tensor]) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary tensors follow it (else None)."""
     wanted = {o.name: o for o in request.outputs} if request.outputs is not None else {}
     entries, blobs = [], []
@@ -129,7 +129,7 @@ def classification(scores: np.ndarray, labels: tuple[str, ...], k: int) -> np.nd
     out = np.empty((len(scores), k), dtype=np.object_)
     for i, row in enumerate(order):
         for j, c in enumerate(row):
-            out[i, j] = f"{float(scores[i, c]):f}:{int(c)}:{labels[c]}".encode("utf-8")
+            out[i, j] = f"{float(scores[i, c]):f}:{int(c)}:{labels[c]}".encode()
     return out
 
 

@@ -26,8 +26,10 @@ import os
 import signal
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 from .engine_file import is_engine_file
 from .errors import TledgeError
@@ -48,11 +50,11 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    name: Optional[str] = None  # model name in the protocol (default: the Triton repository's name for the file)
-    token: Optional[str] = None  # required as "Authorization: Bearer <token>" (not for liveness/readiness)
+    name: str | None = None  # model name in the protocol (default: the Triton repository's name for the file)
+    token: str | None = None  # required as "Authorization: Bearer <token>" (not for liveness/readiness)
     insecure: bool = False  # serve off loopback without a token: anyone who reaches the port may use the model
-    ssl_certfile: Optional[str] = None
-    ssl_keyfile: Optional[str] = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     max_bytes: int = 10 << 20  # largest request body, bytes
     max_queue: int = 64  # inference requests admitted at once (reading, decoding, waiting, running); more get 503
     body_memory: int = 256 << 20  # request-body bytes admitted at once (declared length, or max_bytes); more get 503
@@ -133,23 +135,17 @@ class Server:
         uvicorn = _require_extra()
         from .serve_app import build_app
 
+        _check_tls(config)
         self.classifier, self.config = classifier, config
         self.name = config.name or default_name(classifier.meta, engine=is_engine_file(classifier.path))
-        app, self.state = build_app(classifier, config, self.name)
-        try:
-            uv_config = uvicorn.Config(app, http=_protocol(config.timeout_s), lifespan="off", log_config=None,
-                                       access_log=False, server_header=False, backlog=config.backlog,
-                                       timeout_keep_alive=config.keep_alive_s,
-                                       timeout_graceful_shutdown=config.grace_s,
-                                       ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile)
-            uv_config.load()  # now, so a bad certificate or key fails before the socket is bound
-        except (OSError, ValueError) as e:
-            self.state.batcher.close()
-            raise TledgeError(f"cannot use the TLS certificate/key ({e})",
-                              hint="pass a PEM certificate and its unencrypted PEM key") from None
-        self._server = uvicorn.Server(uv_config)
         self._sock = _listen(config)
-        self._thread: Optional[threading.Thread] = None
+        app, self.state = build_app(classifier, config, self.name)
+        uv_config = uvicorn.Config(app, http=_protocol(config.timeout_s), lifespan="off", log_config=None,
+                                   access_log=False, server_header=False, backlog=config.backlog,
+                                   timeout_keep_alive=config.keep_alive_s, timeout_graceful_shutdown=config.grace_s,
+                                   ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile)
+        self._server = uvicorn.Server(uv_config)
+        self._thread: threading.Thread | None = None
         self._closed = False
 
     @property
@@ -184,21 +180,15 @@ class Server:
         """Serve in a background thread; returns once the server accepts connections."""
         self._thread = threading.Thread(target=self.run, name="tledge-serve", daemon=True)
         self._thread.start()
-        ready = threading.Event()
-
-        def poll() -> None:
-            while self._thread.is_alive() and not self._server.started:
-                ready.wait(0.01)
-
-        poll_thread = threading.Thread(target=poll)
-        poll_thread.start()
-        poll_thread.join(timeout_s)
+        end = time.monotonic() + timeout_s
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < end:
+            self._thread.join(0.01)
         if not self._server.started:
             self.stop()
             raise TledgeError("the server did not start", hint="see the log above")
         return self
 
-    def stop(self, timeout_s: Optional[float] = None) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
         """Ask the server to stop (as SIGTERM does) and wait for it: at most the grace period plus a little."""
         self._server.should_exit = True
         if self._thread is not None:
@@ -219,7 +209,7 @@ class Server:
         self.stop()
 
 
-def serve(classifier: Classifier, config: ServeConfig, *, on_ready: Optional[Callable[[Server], None]] = None) -> None:
+def serve(classifier: Classifier, config: ServeConfig, *, on_ready: Callable[[Server], None] | None = None) -> None:
     """Serve ``classifier`` until SIGINT/SIGTERM, then let requests in flight finish (within the grace period)."""
     server = Server(classifier, config)
     if on_ready is not None:
@@ -239,6 +229,19 @@ def _require_extra() -> Any:
         raise TledgeError(f"serve needs {e.name}, which is not installed",
                           hint="pip install 'tledge-runtime[serve]'") from None
     return uvicorn
+
+
+def _check_tls(config: ServeConfig) -> None:
+    """Load the certificate and key once now, so a bad pair is a clear error before anything is bound."""
+    if config.ssl_certfile is None:
+        return
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except (OSError, ValueError) as e:
+        raise TledgeError(f"cannot use the TLS certificate {config.ssl_certfile} with the key {config.ssl_keyfile} "
+                          f"({e})", hint="pass a PEM certificate and its unencrypted PEM private key") from None
 
 
 def _listen(config: ServeConfig) -> socket.socket:
@@ -299,7 +302,7 @@ def _protocol(timeout_s: float) -> type:
             super().on_response_complete()
             self._arm()
 
-        def connection_lost(self, exc: Optional[Exception]) -> None:
+        def connection_lost(self, exc: Exception | None) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
             super().connection_lost(exc)

@@ -18,8 +18,9 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
@@ -61,7 +62,7 @@ _ENDPOINTS = [
 class HTTPError(TledgeError):
     """An answer other than 200, raised anywhere in a handler and turned into JSON in one place."""
 
-    def __init__(self, status: int, message: str, hint: Optional[str] = None, headers: Optional[dict] = None):
+    def __init__(self, status: int, message: str, hint: str | None = None, headers: dict | None = None):
         super().__init__(message, hint)
         self.status = status
         self.headers = headers or {}
@@ -152,9 +153,9 @@ class Observe:
 class Guard:
     """Bearer-token check before routing and before the body: liveness and readiness stay open."""
 
-    def __init__(self, app: Any, token: Optional[str]):
+    def __init__(self, app: Any, token: str | None):
         self.app = app
-        self._expected = f"Bearer {token}".encode("utf-8") if token else None
+        self._expected = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or self._expected is None or _OPEN.match(scope["path"]):
@@ -374,7 +375,7 @@ class _Handlers:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _content_length(request: Request) -> Optional[int]:
+def _content_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
     if raw is None:
         return None
@@ -461,7 +462,7 @@ def _one_input(req: oip.InferRequest, model: Served) -> oip.Tensor:
     return x
 
 
-def _error(status: int, message: str, hint: Optional[str], headers: Optional[dict] = None) -> JSONResponse:
+def _error(status: int, message: str, hint: str | None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "hint": hint}, status_code=status, headers=headers)
 
 

@@ -16,7 +16,6 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -83,7 +82,7 @@ class Batcher:
                     job.future.set_exception(Dropped("the server stopped", hint="retry on another instance"))
 
     def _loop(self) -> None:
-        carry: Optional[Job] = None
+        carry: Job | None = None
         while True:
             first = carry if carry is not None else self._queue.get()
             carry = None
@@ -126,7 +125,7 @@ class Batcher:
         self._metrics.batch.observe(len(batch))
         try:
             out = self._classifier.infer(batch) if kind == IMAGES else self._classifier.run_graph(batch)
-        except BaseException as e:  # noqa: BLE001 - every waiter gets the error, the thread keeps serving
+        except BaseException as e:
             if not isinstance(e, TledgeError):
                 log.exception("the model failed on a batch of %d", len(batch))
             for job in jobs:

@@ -71,7 +71,7 @@ def _config_tensors(config: str) -> list[tuple[str, str, list[int]]]:
 def test_serve_answers_to_the_repository_names_with_its_tensors(exported_cli):
     """The contract: one client for tledge-runtime serve on a device and for Triton on this repository."""
     from tledge_runtime import Classifier
-    from tledge_runtime.serve import Server, ServeConfig
+    from tledge_runtime.serve import ServeConfig, Server
 
     root = exported_cli.out / "triton"
     for graph in GRAPHS:

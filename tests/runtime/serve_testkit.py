@@ -8,11 +8,12 @@ import json
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
-from tledge_runtime.serve import Server, ServeConfig
+from tledge_runtime.serve import ServeConfig, Server
 
 MAX_BYTES = 64 << 10
 TOKEN = "t0ken-for-the-serve-tests-0123456789"
@@ -34,8 +35,8 @@ def address(server: Server) -> tuple[str, int]:
     return "127.0.0.1", server.port
 
 
-def request(server: Server, method: str, path: str, body: Optional[bytes] = None,
-            headers: Optional[dict] = None, conn: Optional[http.client.HTTPConnection] = None):
+def request(server: Server, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None, conn: http.client.HTTPConnection | None = None):
     """(status, decoded JSON or None, response); on ``conn`` if given (keep-alive), else a new connection."""
     own = conn is None
     conn = conn or http.client.HTTPConnection(*address(server), timeout=10)

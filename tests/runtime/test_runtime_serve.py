@@ -15,7 +15,7 @@ import time
 import pytest
 from serve_testkit import MAX_BYTES, address, raw_exchange, request, running
 from tledge_runtime.errors import TledgeError
-from tledge_runtime.serve import Server, ServeConfig
+from tledge_runtime.serve import ServeConfig, Server
 
 
 @pytest.fixture(scope="module")
@@ -229,16 +229,15 @@ def test_cli_serve_options_reach_the_server(models, images):
 
 def test_a_sigterm_with_requests_in_flight_answers_them(classifier, images):
     body = images["green"][2].read_bytes()
-    with running(classifier, grace_s=5.0) as srv:
-        with socket.create_connection(address(srv), timeout=10) as s:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
-            time.sleep(0.2)  # the request is admitted and waits for the rest of its body
-            stopper = threading.Thread(target=srv.stop)
-            stopper.start()
-            time.sleep(0.2)
-            s.sendall(body[10:])
-            reply = b"".join(iter(lambda: s.recv(65536), b""))
-            stopper.join(10)
+    with running(classifier, grace_s=5.0) as srv, socket.create_connection(address(srv), timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
+        time.sleep(0.2)  # the request is admitted and waits for the rest of its body
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        time.sleep(0.2)
+        s.sendall(body[10:])
+        reply = b"".join(iter(lambda: s.recv(65536), b""))
+        stopper.join(10)
     assert not stopper.is_alive()
     assert reply.startswith(b"HTTP/1.1 200") and b'"label":"green"' in reply.replace(b" ", b"")
 

@@ -78,14 +78,13 @@ def test_a_slow_sender_is_cut_off_while_others_are_served(classifier, images):
 
 
 def test_a_client_dribbling_its_headers_is_disconnected(classifier):
-    with running(classifier, timeout_s=1.0) as srv:
-        with socket.create_connection(address(srv), timeout=10) as s:
-            start = time.monotonic()
-            for part in (b"POST /predict HTTP/1.1\r\n", b"Host: x\r\n", b"X-Slow: 1\r\n"):
-                s.sendall(part)
-                time.sleep(0.4)
-            rest = s.recv(65536)  # the server closed it: no request ever completed its headers in time
-            assert rest == b"" and time.monotonic() - start < 4
+    with running(classifier, timeout_s=1.0) as srv, socket.create_connection(address(srv), timeout=10) as s:
+        start = time.monotonic()
+        for part in (b"POST /predict HTTP/1.1\r\n", b"Host: x\r\n", b"X-Slow: 1\r\n"):
+            s.sendall(part)
+            time.sleep(0.4)
+        rest = s.recv(65536)  # the server closed it: no request ever completed its headers in time
+        assert rest == b"" and time.monotonic() - start < 4
 
 
 def test_expired_jobs_are_dropped_not_run(classifier):

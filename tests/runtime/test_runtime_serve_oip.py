@@ -10,7 +10,7 @@ import pytest
 from serve_testkit import request, running
 
 tritonclient_http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is part of the dev extra")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
 
 @pytest.fixture(scope="module")

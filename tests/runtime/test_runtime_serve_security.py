@@ -17,7 +17,7 @@ import pytest
 from serve_testkit import TOKEN, request, running, self_signed
 from tledge_runtime.cli import main
 from tledge_runtime.errors import TledgeError
-from tledge_runtime.serve import Server, ServeConfig, is_loopback
+from tledge_runtime.serve import ServeConfig, Server, is_loopback
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
