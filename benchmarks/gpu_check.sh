@@ -130,7 +130,7 @@ def check(name, path, backend):
     ok = agree >= 0.99 and (ref_acc - acc) * 100 <= budget + 1e-9
     if path.suffix == ".engine":
         meta, plan = read_engine(path)
-        ok = ok and meta.verification["passed"] and bool(plan)
+        ok = ok and meta.verification.passed and bool(plan)
     if not ok:
         failures.append(f"{name}: agreement {100 * agree:.1f}%, accuracy {100 * acc:.2f}% vs PyTorch {100 * ref_acc:.2f}%")
     rows.append((name, path.name, used, f"{100 * agree:.1f}",

@@ -112,7 +112,7 @@ def _check_export_folder(folder: Path) -> tuple[list[str], list[str]]:
             continue
         try:
             onnx.checker.check_model(onnx.load(str(path)))
-            if not read_meta(path).verification["passed"]:
+            if not read_meta(path).verification.passed:
                 problems.append(f"{path.name}: metadata says verification failed")
             names.append(path.name)
         except Exception as e:  # a torn file: exactly what must never happen

@@ -65,13 +65,15 @@ def make_run(data: Path, work: Path) -> Path:
 
 
 def export_run(run: Path) -> None:
-    from tledge.exporting import ExportOptions, export_checkpoint
+    from tledge_export import ExportConfig
+
+    from tledge.exporting import export_checkpoint
 
     if all((run / "export" / n).is_file() for n in ("model.onnx", "model.fp16.onnx", "model.int8.onnx")):
         return
     # Random-init backbones quantize worse than pretrained ones; record what int8 does, do not fail on it.
-    export_checkpoint(ExportOptions(checkpoint=str(run / "best.pt"), fp16=True, int8=True, budget=100.0,
-                                    min_agreement=0.0))
+    export_checkpoint(run / "best.pt", ExportConfig(fp16=True, int8=True, budget=100.0, min_agreement=0.0,
+                                                    qat="off"))
 
 
 def cold_start(code: str, runs: int = 5) -> float:

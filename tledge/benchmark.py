@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from tledge_runtime.errors import TledgeError
+from tledge_export.config import FILE_NAMES, FP16_BUDGET, INT8_BUDGET
+from tledge_runtime.errors import TledgeError, first_line
 from tledge_runtime.meta import ModelMeta, Preprocess
 
-from .data import Sample
+from .data import stratified_sample
 from .errors import ConfigError, DataError
 from .evaluate import evaluation_samples
 from .imagecache import decode_images, summarize_skipped
@@ -34,10 +35,10 @@ from .progress import progress
 
 log = logging.getLogger(__name__)
 
-# Accuracy budgets in points, by precision (fp32 must match; export enforces these too).
-DEFAULT_BUDGETS = {"fp32": 0.1, "fp16": 0.1, "int8": 1.0}
-# The files `tledge export` writes; absent ones are listed as "missing" rows.
-STANDARD_FILES = {"model.onnx": "fp32", "model.fp16.onnx": "fp16", "model.int8.onnx": "int8"}
+# Accuracy budgets in points, by precision: export's own (fp32 must match, to fp16's 0.1 point).
+DEFAULT_BUDGETS = {"fp32": FP16_BUDGET, "fp16": FP16_BUDGET, "int8": INT8_BUDGET}
+# The files `tledge export` writes by default; absent ones are listed as "missing" rows.
+STANDARD_FILES = {FILE_NAMES[p]: p for p in ("fp32", "fp16", "int8")}
 MODEL_SUFFIXES = (".onnx", ".engine")
 
 
@@ -149,7 +150,7 @@ def benchmark(paths: Sequence[Path], data: Path, *, backends: Sequence[str] = ("
     labels, prep = _contract(ckpt, metas)
     folder, samples = evaluation_samples(data, labels)
     if max_images:
-        samples = _stratified_head(samples, max_images)
+        samples = stratified_sample(samples, max_images)
     decoded = decode_images(samples, prep, desc="decode")
     if len(decoded) == 0:
         raise DataError(f"{folder}: none of the {len(samples)} images could be read", hint="check the images")
@@ -251,7 +252,7 @@ def _runtime_row(path, meta, backend, images, y, prep, batch, warmup, iters, thr
     precision = meta.precision if isinstance(meta, ModelMeta) else "?"
     row = Row(path.name, precision, backend, size_mb=path.stat().st_size / 1e6)
     if not isinstance(meta, ModelMeta):
-        row.status, row.reason = "failed", _one_line(meta)
+        row.status, row.reason = "failed", first_line(meta)
         return row, None
     from tledge_runtime import Classifier
 
@@ -263,7 +264,7 @@ def _runtime_row(path, meta, backend, images, y, prep, batch, warmup, iters, thr
             _time(row, clf.infer, images, batch, warmup, iters)
         return row, pred
     except TledgeError as e:
-        row.status, row.reason = "failed", _one_line(e)
+        row.status, row.reason = "failed", first_line(e)
         return row, None
 
 
@@ -343,10 +344,6 @@ def _acc(pred: Optional[np.ndarray], y: np.ndarray) -> Optional[float]:
     return None if pred is None else float((pred == y).mean())
 
 
-def _one_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def _preprocess_ms(paths: Sequence[Path], prep: Preprocess) -> float:
     from tledge_runtime.preprocess import prepare_image
 
@@ -356,15 +353,6 @@ def _preprocess_ms(paths: Sequence[Path], prep: Preprocess) -> float:
     for p in paths:
         prepare_image(p, prep)
     return 1e3 * (time.perf_counter() - t0) / len(paths)
-
-
-def _stratified_head(samples: list[Sample], n: int) -> list[Sample]:
-    """At most ``n`` samples keeping the class mix (first files of each class, in sorted order)."""
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    total = len(samples)
-    return [s for label in sorted(by_class) for s in by_class[label][: max(1, round(n * len(by_class[label]) / total))]]
 
 
 def machine_info() -> dict[str, Any]:

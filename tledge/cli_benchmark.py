@@ -8,6 +8,8 @@ from typing import Optional
 
 import click
 
+from .cli_common import HELP, echo, setup_logging
+
 
 def _backends(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
     from tledge_runtime.backends import BACKENDS
@@ -30,7 +32,7 @@ def _batches(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return max(sizes)
 
 
-@click.command(context_settings=dict(help_option_names=["-h", "--help"], max_content_width=100))
+@click.command(context_settings=HELP)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Labelled images: DATA/<class>/* (or a split layout: its test/ split).")
@@ -59,9 +61,8 @@ def benchmark(paths: tuple[Path, ...], data: Path, backends: tuple[str, ...], ba
     failed / missing), then the fastest format within its budget.
     """
     from .benchmark import benchmark as run_benchmark, discover, to_markdown
-    from .cli import _setup_logging, echo
 
-    _setup_logging(quiet=as_json)
+    setup_logging(quiet=as_json)
     if plot is None:
         found = discover(paths)
         anchor = found.models[0].parent if found.models else found.checkpoint.parent

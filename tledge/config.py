@@ -90,3 +90,12 @@ def default(name: str) -> Any:
     if field.default is MISSING:
         raise KeyError(f"{name} has no default")
     return field.default
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """Where `tledge export` takes int8 calibration images from, and how many."""
+
+    folder: Optional[str] = None  # any image folder; default: the run's train split
+    size: int = 300  # ORT's and TensorRT's guidance: a few hundred representative images
+    seed: int = 0  # which ones

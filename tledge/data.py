@@ -131,6 +131,20 @@ def _check_classes(classes: list[str], where: Path) -> list[str]:
     return sorted(classes)
 
 
+def shuffled_by_label(samples: Iterable[Sample], rng: random.Random) -> list[list[Sample]]:
+    """The samples of each label (in label order), sorted by path and then shuffled by ``rng``: the one
+    place samples are stratified, so a seed gives the same split or sample on every machine."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    groups = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda s: str(s.path))
+        rng.shuffle(items)
+        groups.append(items)
+    return groups
+
+
 def stratified_split(samples: Iterable[Sample], fractions: tuple[float, float], *, seed: int
                      ) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """Split into (train, a, b) with ``fractions=(frac_a, frac_b)`` of every class, seeded.
@@ -142,14 +156,8 @@ def stratified_split(samples: Iterable[Sample], fractions: tuple[float, float], 
     if not (0 <= frac_a < 1 and 0 <= frac_b < 1 and frac_a + frac_b < 1):
         raise DataError(f"split fractions {fractions} must each be in [0, 1) and sum to less than 1",
                         hint="e.g. --val-split 0.1 --test-split 0.2")
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    rng = random.Random(seed)
     train, part_a, part_b = [], [], []
-    for label in sorted(by_class):
-        items = sorted(by_class[label], key=lambda s: str(s.path))
-        rng.shuffle(items)
+    for items in shuffled_by_label(samples, random.Random(seed)):
         n = len(items)
         n_a = _share(n, frac_a)
         n_b = _share(n, frac_b)
@@ -162,6 +170,23 @@ def stratified_split(samples: Iterable[Sample], fractions: tuple[float, float], 
         part_b += items[n_a:n_a + n_b]
         train += items[n_a + n_b:]
     return train, part_a, part_b
+
+
+def stratified_sample(samples: Iterable[Sample], n: int, *, seed: int = 0, balanced: bool = False) -> list[Sample]:
+    """Up to ``n`` samples, seeded: in the proportions of the labels (``balanced=False``, every label keeps
+    at least one), or as evenly spread over the labels as their counts allow (``balanced=True``: one per
+    label per pass, what int8 calibration uses so a rare class still sets its activation ranges)."""
+    groups = shuffled_by_label(samples, random.Random(seed))
+    if not balanced:
+        total = sum(len(g) for g in groups)
+        return [s for g in groups for s in g[:max(1, round(n * len(g) / total))]] if total > n else \
+            [s for g in groups for s in g]
+    chosen: list[Sample] = []
+    while len(chosen) < n and any(groups):  # round robin: one per label per pass
+        for g in groups:
+            if g and len(chosen) < n:
+                chosen.append(g.pop())
+    return chosen
 
 
 def _share(n: int, frac: float) -> int:

@@ -53,7 +53,10 @@ class DemoResult:
 
 def demo(cfg: DemoConfig) -> DemoResult:
     """Run the four stages; each stage's wall time is in ``DemoResult.seconds``."""
-    from .exporting import ExportOptions, export_checkpoint
+    from tledge_export import ExportConfig
+
+    from .config import CalibrationSource
+    from .exporting import export_checkpoint
 
     seconds: dict[str, float] = {}
     data = Path(cfg.data)
@@ -74,8 +77,8 @@ def demo(cfg: DemoConfig) -> DemoResult:
 
     t0 = time.perf_counter()
     log.info("[3/4] exporting fp32, fp16 and int8, each verified against PyTorch")
-    exported = export_checkpoint(ExportOptions(checkpoint=str(run.best), fp16=True, int8=True,
-                                               calib_size=cfg.calib_size))
+    exported = export_checkpoint(run.best, ExportConfig(fp16=True, int8=True),
+                                 calibration=CalibrationSource(size=cfg.calib_size))
     log.info("\n%s", exported.table())
     seconds["export"] = time.perf_counter() - t0
 

@@ -15,7 +15,7 @@ import torch
 from tledge_runtime.fileio import atomic_write
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
-from .data import Sample, list_images, scan_class_folders
+from .data import Sample, scan_class_folders
 from .distributed import resolve_device
 from .errors import DataError
 from .imagecache import decode_images, summarize_skipped

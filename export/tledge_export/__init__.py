@@ -34,11 +34,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .config import ExportConfig
     from .errors import EngineError, ExportError, ExportFailed
-    from .pipeline import ExportConfig, export_model
+    from .pipeline import export_model
     from .results import ExportResult, FormatResult
 
-_WHERE = {"ExportConfig": "pipeline", "export_model": "pipeline", "ExportResult": "results", "FormatResult": "results",
+_WHERE = {"ExportConfig": "config", "export_model": "pipeline", "ExportResult": "results", "FormatResult": "results",
           "ExportError": "errors", "ExportFailed": "errors", "EngineError": "errors"}
 
 

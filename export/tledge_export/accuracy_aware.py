@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import onnx
-
-from .verify import Parity
+from tledge_runtime.verification import Verification
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ LIMIT_FRACTION = 0.25
 @dataclass(frozen=True)
 class Attempt:
     float_nodes: tuple[str, ...]
-    parity: Parity
+    parity: Verification
     latency_ms: Optional[float]
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,7 +49,7 @@ class Search:
     """The model chosen and how it was found."""
 
     model: onnx.ModelProto
-    parity: Parity
+    parity: Verification
     float_nodes: tuple[str, ...]
     attempts: list[Attempt] = field(default_factory=list)
     ranking: list[tuple[str, float]] = field(default_factory=list)
@@ -70,7 +69,7 @@ class Search:
 
 
 def search(quantize: Callable[[Sequence[str]], onnx.ModelProto],
-           evaluate: Callable[[onnx.ModelProto], tuple[Parity, Optional[float]]],
+           evaluate: Callable[[onnx.ModelProto], tuple[Verification, Optional[float]]],
            rank: Callable[[onnx.ModelProto], list[tuple[str, float]]], *,
            max_float_nodes: Optional[int] = None, progress: Optional[Callable[..., Any]] = None) -> Search:
     """Run the search. ``quantize(float_nodes)`` makes a QDQ model, ``evaluate(model)`` gives its parity

@@ -17,23 +17,18 @@ import logging
 from pathlib import Path
 
 import onnx
+from tledge_runtime.backends import meta_from_props
 from tledge_runtime.engine_file import MAGIC as ENGINE_MAGIC
+from tledge_runtime.errors import first_line
 from tledge_runtime.fileio import atomic_write
 from tledge_runtime.meta import ONNX_KEY, ModelMeta
 
 from . import __version__
+from .config import FILE_NAMES, REPORT_NAME  # noqa: F401 - re-exported: the names of the files written here
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
 
-# File name of each format inside the export folder (`tledge benchmark` looks for the first three).
-FILE_NAMES = {
-    "fp32": "model.onnx",
-    "fp16": "model.fp16.onnx",
-    "int8": "model.int8.onnx",  # CPU flavour: u8 activations, s8 per-channel weights
-    "int8-trt": "model.int8-trt.onnx",  # TensorRT flavour: symmetric s8
-}
-REPORT_NAME = "report.json"
 PRODUCER = "tledge-export"  # ModelProto.producer_name of every ONNX file tledge writes
 
 
@@ -55,13 +50,11 @@ def embed_meta(model: onnx.ModelProto, meta: ModelMeta) -> onnx.ModelProto:
 
 
 def read_meta(model: onnx.ModelProto | str | Path) -> ModelMeta:
-    """The tledge metadata of an ONNX model (a proto or a file)."""
+    """The tledge metadata of an ONNX model (a proto or a file), through the runtime's one reader."""
+    where = "the ONNX model" if isinstance(model, onnx.ModelProto) else str(model)
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    if ONNX_KEY not in props:
-        raise ExportError("the ONNX model carries no tledge metadata", hint="export it with `tledge export`")
-    return ModelMeta.from_json(props[ONNX_KEY])
+    return meta_from_props({p.key: p.value for p in model.metadata_props}, where)
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -98,8 +91,7 @@ def check(model: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"the {what} ONNX graph fails onnx.checker: {first}",
+        raise ExportError(f"the {what} ONNX graph fails onnx.checker: {first_line(e)}",
                           hint="report this with the model architecture; try another --opset") from None
 
 

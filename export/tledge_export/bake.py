@@ -10,7 +10,6 @@ quantization work on the plain graph, and the normalization stays in float32 ahe
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tledge_runtime.meta import Preprocess

@@ -11,21 +11,22 @@ if it passes. Where TensorRT or a GPU is missing the engine formats are reported
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
+from tledge_runtime.batching import batches
 from tledge_runtime.engine_file import write_engine
 from tledge_runtime.meta import ModelMeta
+from tledge_runtime.verification import Budget, Verification
 
 from . import artifact
+from .config import ExportConfig
 from .errors import EngineError
-from .graph_run import batches
 from .results import FormatResult
 from .tensorrt import TensorRT, build_plan, check_onnx, find_tensorrt, gpu_count
-from .verify import Budget, Parity, compare
-
-if TYPE_CHECKING:
-    from .pipeline import _Job
+from .verify import Reference
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +38,36 @@ _GPU_HINT = ("run `tledge export --engine` on the machine that will run the engi
              "TensorRT version; the ONNX files of this export are what to copy there")
 
 
-def build_engines(job: _Job) -> list[FormatResult]:
-    """One result per engine format this export asked for."""
-    cfg = job.cfg
-    sources = [fmt for fmt, asked in (("fp16", cfg.fp16), ("int8-trt", cfg.int8)) if asked] or ["fp32"]
+def build_engines(written: Sequence[FormatResult], reference: Reference, config: ExportConfig,
+                  out: Path) -> list[FormatResult]:
+    """One result per engine format: an engine from each TensorRT-bound ONNX file in ``written`` (fp16 and
+    int8-trt; fp32 when the export made neither), verified on ``reference`` and written to ``out``."""
+    files = {r.format: r.path for r in written if r.ok and r.path is not None and r.path.suffix == ".onnx"}
+    sources = [fmt for fmt, asked in (("fp16", config.fp16), ("int8-trt", config.int8)) if asked] or ["fp32"]
     trt = find_tensorrt()
     results = []
     for fmt in sources:
         name = f"{fmt}-engine"
-        if fmt not in job.finals:
+        if fmt not in files:
             results.append(FormatResult(name, "failed", message=f"no {fmt} ONNX to build from (it was not written)",
                                         hint=f"fix the {fmt} export first"))
             continue
         try:
-            results.append(_engine(job, fmt, name, trt))
+            results.append(build_engine(files[fmt], fmt, reference, config, out, trt))
         except EngineError as e:
             log.error("%s: %s", name, e.message)
             results.append(FormatResult(name, "failed", message=e.message, hint=e.hint or ""))
     return results
 
 
-def _engine(job: _Job, fmt: str, name: str, trt: Optional[TensorRT]) -> FormatResult:
-    cfg = job.cfg
-    final = job.finals[fmt]
-    meta = artifact.read_meta(final)
+def build_engine(onnx_path: Path, fmt: str, reference: Reference, config: ExportConfig, out: Path,
+                 trt: Optional[TensorRT]) -> FormatResult:
+    """Build, verify and write the engine of one written ONNX file (format ``fmt``), or say why not."""
+    name = f"{fmt}-engine"
+    meta = artifact.read_meta(onnx_path)
     spec, p = meta.input, meta.preprocess
     shape = (p.height, p.width, 3) if spec.layout == "NHWC" else (3, p.height, p.width)
-    data = final.SerializeToString()
+    data = onnx_path.read_bytes()
     if trt is None:
         return FormatResult(name, "unavailable", message="TensorRT is not installed here", hint=_INSTALL_HINT)
     if gpu_count() == 0:
@@ -71,37 +75,41 @@ def _engine(job: _Job, fmt: str, name: str, trt: Optional[TensorRT]) -> FormatRe
         details = {}
         if trt.flavour == "tensorrt-rtx":
             # TensorRT for RTX can still parse and build ahead of time: proof the graph is TensorRT-ready.
-            check = check_onnx(data, input_name=spec.name, sample_shape=shape, batch=cfg.batch, max_batch=cfg.max_batch)
+            check = check_onnx(data, input_name=spec.name, sample_shape=shape, batch=config.batch,
+                               max_batch=config.max_batch)
             message += f"; {check} (a check only: an unverified engine is not written)"
             details["tensorrt_check"] = check
         return FormatResult(name, "unavailable", message=message, hint=_GPU_HINT, details=details)
     log.info("building the %s TensorRT engine with %s", fmt, trt.describe())
-    plan = build_plan(data, trt, input_name=spec.name, sample_shape=shape, batch=cfg.batch, max_batch=cfg.max_batch,
-                      timing_cache=job.out / TIMING_CACHE, tf32=fmt != "fp32")
-    budget = Budget.logits(cfg.fp32_atol, cfg.fp32_rtol) if fmt == "fp32" else Budget(**meta.verification["budget"])
-    path = job.out / artifact.engine_name(fmt, trt.flavour)
-    parity = _verify(job, plan, meta, path, job.inputs_for(final), budget, trt)
-    if not parity.passed:
+    plan = build_plan(data, trt, input_name=spec.name, sample_shape=shape, batch=config.batch,
+                      max_batch=config.max_batch, timing_cache=out / TIMING_CACHE, tf32=fmt != "fp32")
+    # The engine is held to its source's budget (an fp32 engine to the logits budget, built without TF32).
+    budget = meta.verification.budget if meta.verification is not None else Budget.logits(config.fp32_atol,
+                                                                                           config.fp32_rtol)
+    path = out / artifact.engine_name(fmt, trt.flavour)
+    verification = _verify(plan, meta, path, reference, budget, trt, config.batch)
+    if not verification.passed:
         artifact.remove_stale(path)
-        return FormatResult(name, "over_budget", parity=parity, message="; ".join(parity.failures),
+        return FormatResult(name, "over_budget", parity=verification, message="; ".join(verification.failures),
                             hint=f"the {fmt} ONNX passed but its engine did not: report the TensorRT version and GPU")
-    verified = meta.with_(verification={**parity.to_dict(), "reference": job.reference_name,
-                                        "data": cfg.verification_data, "measured": job.measured})
-    write_engine(path, verified, plan)
+    measured = meta.verification.measured if meta.verification is not None else ""
+    write_engine(path, meta.with_(verification=verification.with_(measured=measured)), plan)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
-    job.plans[name] = (plan, verified)
-    return FormatResult(name, "ok", path=path, parity=parity, size_bytes=path.stat().st_size,
+    return FormatResult(name, "ok", path=path, parity=verification, size_bytes=path.stat().st_size,
                         details={"tensorrt": trt.describe()})
 
 
-def _verify(job: _Job, plan: bytes, meta: ModelMeta, path, x: np.ndarray, budget: Budget, trt: TensorRT) -> Parity:
+def _verify(plan: bytes, meta: ModelMeta, path: Path, reference: Reference, budget: Budget, trt: TensorRT,
+            fixed_batch: Optional[int]) -> Verification:
     """Run the engine with the runtime's TensorRT backend (what a device runs) and compare with PyTorch."""
     from tledge_runtime.trt_backend import TensorRTBackend
 
     backend = TensorRTBackend(plan, meta, path)
+    dtype = np.dtype(np.uint8) if meta.input.dtype == "uint8" else np.dtype(np.float32)
     try:
         chunk = max(1, min(backend.max_batch, 32))
-        logits = np.concatenate([backend.run(b)[:n] for b, n in batches(x, job.cfg.batch, chunk)])
+        x = reference.inputs_for(dtype)
+        logits = np.concatenate([backend.run(b)[:n] for b, n in batches(x, fixed_batch, chunk)])
     finally:
         backend.close()
-    return compare(logits.astype(np.float32), job.reference, job.labels, budget, backend=trt.describe())
+    return reference.compare(logits.astype(np.float32), budget, backend=trt.describe())

@@ -1,40 +1,21 @@
-"""Running ONNX protos with ONNX Runtime on the CPU: batching (fixed-batch graphs too) and
+"""Running ONNX protos with ONNX Runtime on the CPU (the runtime's own session and batching helpers) and
 reading intermediate tensors, for verification, fp16 range checks and int8 sensitivity."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import onnx
-
-CHUNK = 32  # images per run: bounds memory on large verification sets
+from tledge_runtime.backends import ort_session
+from tledge_runtime.batching import CHUNK, batches
 
 
 def session(model: onnx.ModelProto, *, threads: Optional[int] = None):
     """An onnxruntime CPU session of ``model`` with full graph optimization (what the runtime uses)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-def batches(x: np.ndarray, fixed_batch: Optional[int] = None, chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, int]]:
-    """``(batch, n_real)`` pairs covering ``x``. A fixed-batch graph gets exactly ``fixed_batch`` rows,
-    the last batch padded with copies of its final image (their outputs are dropped)."""
-    step = fixed_batch or chunk
-    for start in range(0, len(x), step):
-        part = x[start:start + step]
-        n = len(part)
-        if fixed_batch and n < fixed_batch:
-            part = np.concatenate([part, np.repeat(part[-1:], fixed_batch - n, axis=0)])
-        yield part, n
+    return ort_session(model.SerializeToString(), threads=threads)
 
 
 def run(sess, x: np.ndarray, *, fixed_batch: Optional[int] = None, outputs: Optional[Sequence[str]] = None,

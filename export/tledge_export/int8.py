@@ -30,16 +30,15 @@ from typing import Optional
 
 import numpy as np
 import onnx
+from tledge_runtime.batching import batches
 from tledge_runtime.meta import Quantization
 
 from .artifact import name_nodes, prune_opsets
+from .config import METHODS, TARGETS
 from .errors import ExportError
-from .graph_run import batches
 
 log = logging.getLogger(__name__)
 
-METHODS = ("minmax", "entropy", "percentile")
-TARGETS = ("cpu", "tensorrt")
 CALIB_BATCH = 16  # images per calibration run (min/max calibration)
 # ORT's histogram collectors (entropy, percentile) stack each tensor's batches into one array and
 # fail when the last batch is smaller; one image per run keeps every batch the same shape.

@@ -28,14 +28,15 @@ from typing import Optional
 
 import onnx
 import torch
+from tledge_runtime.errors import first_line
 from tledge_runtime.meta import Preprocess
 
 from .artifact import check, name_nodes
+from .config import EXPORTERS
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
 
-EXPORTERS = ("torchscript", "dynamo")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
@@ -66,7 +67,7 @@ def export_onnx(model: torch.nn.Module, preprocess: Preprocess, num_classes: int
     except ExportError:
         raise
     except Exception as e:  # the exporters raise many types; all mean "this model did not export"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         other = "dynamo" if exporter == "torchscript" else "torchscript"
         raise ExportError(f"torch.onnx ({exporter}) could not export the model: {first}",
                           hint=f"try --exporter {other}, or another --opset") from None
@@ -85,7 +86,7 @@ def _torchscript(model: torch.nn.Module, example: torch.Tensor, batch: Optional[
         torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME], dynamic_axes=dynamic, do_constant_folding=True)
     for w in caught:  # the deprecation notice of the legacy path, among others: for the log, not the user's screen
-        log.debug("torch.onnx: %s", str(w.message).splitlines()[0])
+        log.debug("torch.onnx: %s", first_line(Exception(w.message)))
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -115,7 +116,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         slim = onnxslim.slim(model)
     except Exception as e:  # onnxslim raises whatever its passes raise
-        log.warning("onnxslim could not simplify the graph (%s); keeping it as exported", str(e).splitlines()[0])
+        log.warning("onnxslim could not simplify the graph (%s); keeping it as exported", first_line(e))
         return model
     return slim if isinstance(slim, onnx.ModelProto) else model
 

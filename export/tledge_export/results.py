@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from tledge_runtime.verification import Verification
+
 from .artifact import write_file
 from .errors import ExportFailed, Failure
-from .verify import Parity, row, table
+from .verify import row, table
 
 STATUS_WORDS = {"ok": "ok", "over_budget": "OVER BUDGET", "unavailable": "unavailable", "failed": "FAILED"}
 
@@ -21,7 +23,7 @@ class FormatResult:
     format: str  # fp32 | fp16 | int8 | int8-trt | fp16-engine | int8-trt-engine ...
     status: str  # ok | over_budget | unavailable | failed
     path: Optional[Path] = None  # the file written (None unless status is ok)
-    parity: Optional[Parity] = None
+    parity: Optional[Verification] = None
     size_bytes: Optional[int] = None
     message: str = ""  # why it is not ok, with numbers
     hint: str = ""  # what to try

@@ -24,8 +24,9 @@ from typing import Optional
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from tledge_runtime.batching import batches
 
-from .graph_run import batches, session, with_outputs
+from .graph_run import session, with_outputs
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 SENSITIVITY_IMAGES = 32  # calibration images used to measure activation noise

@@ -1,7 +1,14 @@
 """Parity with PyTorch: every exported model against the PyTorch model, on the same held-out images.
 
-Numbers per format: max and mean |Δlogit|, top-1 agreement, accuracy of each and the
-accuracy difference in points. Budgets:
+Two public functions, usable on any model:
+
+- :func:`compare`: logits of a model against PyTorch's -> a typed
+  :class:`~tledge_runtime.verification.Verification` with every failure in words (a pure function);
+- :func:`verify_onnx`: run an ONNX file (or proto) with ONNX Runtime on a :class:`Reference` and compare.
+
+Numbers per model: max and mean |Δlogit|, top-1 agreement, accuracy of each and the accuracy
+difference in points, images that changed class in each direction, per-class accuracy deltas and
+McNemar's exact test. Budgets (defaults in :mod:`tledge_export.config`):
 
 - fp32: every logit within ``atol + rtol * |logit|`` of PyTorch's, atol 1e-4, rtol 1e-4.
   Why a relative part: ONNX Runtime and PyTorch sum the products of each convolution in a
@@ -10,7 +17,8 @@ accuracy difference in points. Budgets:
   picks other kernels (an EfficientNet-Lite0 at 32 px: 2.6e-4 at a logit of -6.6, 100%
   agreement), while every real export bug seen (wrong op, wrong preprocessing, a dropped layer) moves
   logits by 1e-2 or more.
-- fp16, int8: the accuracy drop against PyTorch, in points (fp16 0.1, int8 ``--budget``).
+- fp16, int8: the accuracy drop against PyTorch, in points (fp16 0.1, int8 ``--budget``), top-1
+  agreement (``--min-agreement``) and, if asked, the drop of the worst class (``--max-class-drop``).
 
 Accuracy deltas are signed, model minus PyTorch: a negative delta is a drop.
 """
@@ -18,93 +26,87 @@ Accuracy deltas are signed, model minus PyTorch: a negative delta is a drop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import numpy as np
+from tledge_runtime.meta import Preprocess
+from tledge_runtime.preprocess import Normalizer
+from tledge_runtime.verification import Budget, ClassDelta, Flips, Verification, mcnemar_p
 
-FP32_ATOL = 1e-4
-FP32_RTOL = 1e-4
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What a format must meet: ``kind="logits"`` (atol/rtol) or ``kind="accuracy"`` (max drop in points)."""
-
-    kind: str
-    atol: float = 0.0
-    rtol: float = 0.0
-    max_drop_points: float = 0.0
-    # Top-1 agreement with PyTorch, percent. Accuracy alone can hide errors that cancel out
-    # (as many images fixed as broken); agreement counts every image that changed its answer.
-    min_agreement: float = 0.0
-
-    @classmethod
-    def logits(cls, atol: float = FP32_ATOL, rtol: float = FP32_RTOL) -> Budget:
-        return cls("logits", atol=atol, rtol=rtol)
-
-    @classmethod
-    def accuracy(cls, max_drop_points: float, min_agreement: float = 0.0) -> Budget:
-        return cls("accuracy", max_drop_points=max_drop_points, min_agreement=min_agreement)
-
-    def describe(self) -> str:
-        if self.kind == "logits":
-            return f"|Δlogit| <= {self.atol:g} + {self.rtol:g}*|logit|"
-        agree = f", agree >= {self.min_agreement:g}%" if self.min_agreement else ""
-        return f"drop <= {self.max_drop_points:g} pt{agree}"
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.kind == "logits":
-            return {"kind": "logits", "atol": self.atol, "rtol": self.rtol}
-        return {"kind": "accuracy", "max_drop_points": self.max_drop_points, "min_agreement": self.min_agreement}
+__all__ = ["Budget", "Reference", "Verification", "compare", "row", "table", "torch_logits", "verify_onnx", "verify_session"]
 
 
 @dataclass(frozen=True)
-class Parity:
-    """One model's agreement with PyTorch on ``images`` held-out images, and whether it is within budget."""
+class Reference:
+    """The held-out images every export is verified on, and PyTorch's answers on them.
 
-    images: int
-    max_abs_diff: Optional[float]  # None when the model produced NaN/inf
-    mean_abs_diff: Optional[float]
-    agreement: float  # fraction of images where both pick the same class
-    accuracy_reference: float  # PyTorch's accuracy on the same images
-    accuracy: float
-    budget: Budget
-    passed: bool
-    failures: tuple[str, ...] = ()  # each failed check in words, with its numbers
-    backend: str = ""  # what ran the model, e.g. "onnxruntime 1.32.0 CPUExecutionProvider"
-    extra: dict[str, Any] = field(default_factory=dict)
+    ``images``: uint8 NHWC at the model input (what a baked model takes); ``x``: the same, normalized
+    NCHW float32 (what the other models take); ``logits``: PyTorch's fp32 logits on ``x``.
+    """
 
-    @property
-    def accuracy_delta_points(self) -> float:
-        return 100.0 * (self.accuracy - self.accuracy_reference)
+    images: np.ndarray
+    labels: np.ndarray
+    logits: np.ndarray
+    x: np.ndarray
+    classes: tuple[str, ...]
+    name: str = "PyTorch fp32 CPU"  # what produced ``logits``
+    data: str = "held-out images"  # what the images are
 
-    def to_dict(self) -> dict[str, Any]:
-        """The ``verification`` document stored in the model's metadata and in report.json."""
-        d = asdict(self)
-        d["budget"] = self.budget.to_dict()
-        d["failures"] = list(self.failures)
-        d["accuracy_delta_points"] = round(self.accuracy_delta_points, 4)
-        for key in ("agreement", "accuracy_reference", "accuracy"):
-            d[key] = round(d[key], 6)
-        extra = d.pop("extra")
-        return {**d, **extra}
+    @classmethod
+    def from_model(cls, model: Any, images: np.ndarray, labels: np.ndarray, preprocess: Preprocess,
+                   classes: Sequence[str], data: str = "held-out images") -> Reference:
+        """PyTorch's fp32 CPU logits of ``model`` on ``images`` (uint8 NHWC at the model input)."""
+        import torch
+
+        images = np.ascontiguousarray(images)
+        x = Normalizer(preprocess)(images)
+        name = f"PyTorch {torch.__version__.split('+')[0]} fp32 CPU"
+        return cls(images, np.asarray(labels), torch_logits(model, x), x, tuple(classes), name, data)
+
+    def inputs_for(self, elem_dtype: np.dtype) -> np.ndarray:
+        """The images as a graph whose input has ``elem_dtype`` takes them: uint8 NHWC, float16 or float32 NCHW."""
+        if elem_dtype == np.uint8:
+            return self.images
+        return self.x.astype(np.float16) if elem_dtype == np.float16 else self.x
+
+    def compare(self, logits: np.ndarray, budget: Budget, *, backend: str = "") -> Verification:
+        """:func:`compare` of ``logits`` on these images, labelled with this reference."""
+        v = compare(logits, self.logits, self.labels, budget, backend=backend, classes=self.classes)
+        return v.with_(reference=self.name, data=self.data)
 
 
 def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, budget: Budget, *,
-            backend: str = "", extra: Optional[dict[str, Any]] = None) -> Parity:
+            backend: str = "", classes: Optional[Sequence[str]] = None) -> Verification:
     """Parity of ``logits`` (the exported model) with ``reference`` (PyTorch) on images labelled ``labels``."""
     logits = np.asarray(logits, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
+    labels = np.asarray(labels)
     if logits.shape != reference.shape:
         raise ValueError(f"logits of shape {logits.shape} cannot be compared with PyTorch's {reference.shape}")
     n = len(labels)
     finite = bool(np.isfinite(logits).all())
     diff = np.abs(logits - reference)
     pred, ref_pred = logits.argmax(1), reference.argmax(1)
-    accuracy, accuracy_ref = float((pred == labels).mean()), float((ref_pred == labels).mean())
-    agreement = float((pred == ref_pred).mean())
-    failures: list[str] = []
+    right, ref_right = pred == labels, ref_pred == labels
+    flips = Flips(to_correct=int((right & ~ref_right).sum()), to_wrong=int((~right & ref_right).sum()),
+                  wrong_to_wrong=int((~right & ~ref_right & (pred != ref_pred)).sum()))
+    names = list(classes) if classes is not None else [str(i) for i in range(reference.shape[1])]
+    per_class = tuple(ClassDelta(names[c], int((labels == c).sum()), float(ref_right[labels == c].mean()),
+                                 float(right[labels == c].mean())) for c in range(len(names)) if (labels == c).any())
+    v = Verification(images=n, max_abs_diff=float(diff.max()) if finite else None,
+                     mean_abs_diff=float(diff.mean()) if finite else None, agreement=float((pred == ref_pred).mean()),
+                     accuracy_reference=float(ref_right.mean()), accuracy=float(right.mean()), budget=budget,
+                     passed=True, backend=backend, flips=flips, mcnemar_p=mcnemar_p(flips.to_correct, flips.to_wrong),
+                     per_class=per_class)
+    failures = _failures(v, logits, reference, diff, finite)
+    return v.with_(passed=not failures, failures=tuple(failures))
+
+
+def _failures(v: Verification, logits: np.ndarray, reference: np.ndarray, diff: np.ndarray, finite: bool) -> list[str]:
+    """Each check of ``v.budget`` that does not hold, in words with its numbers."""
+    budget, n, failures = v.budget, v.images, []
     if not finite:
         bad = int((~np.isfinite(logits)).any(axis=1).sum())
         failures.append(f"non-finite logits (NaN/inf) for {bad} of {n} images")
@@ -116,18 +118,51 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, budge
             failures.append(f"max |Δlogit| {diff.max():.3g} > {budget.atol:g} + {budget.rtol:g}*|logit| "
                             f"({int(over.sum())} of {over.size} logits over; worst {diff[i]:.3g} at a logit of "
                             f"{reference[i]:.3g})")
-    drop = 100.0 * (accuracy_ref - accuracy)
-    if budget.kind == "accuracy" and drop > budget.max_drop_points + 1e-9:
+    if budget.kind != "accuracy":
+        return failures
+    drop = -v.accuracy_delta_points
+    if drop > budget.max_drop_points + 1e-9:
         failures.append(f"accuracy drop {drop:.2f} points > budget {budget.max_drop_points:g} "
-                        f"({100 * accuracy:.2f}% vs PyTorch {100 * accuracy_ref:.2f}%, "
-                        f"agreement {100 * agreement:.1f}%, {n} images)")
-    if budget.kind == "accuracy" and 100.0 * agreement < budget.min_agreement - 1e-9:
-        failures.append(f"top-1 agreement with PyTorch {100 * agreement:.2f}% < {budget.min_agreement:g}% "
-                        f"({int(round((1 - agreement) * n))} of {n} images changed their answer)")
-    return Parity(images=n, max_abs_diff=float(diff.max()) if finite else None,
-                  mean_abs_diff=float(diff.mean()) if finite else None, agreement=agreement,
-                  accuracy_reference=accuracy_ref, accuracy=accuracy, budget=budget, passed=not failures,
-                  failures=tuple(failures), backend=backend, extra=dict(extra or {}))
+                        f"({100 * v.accuracy:.2f}% vs PyTorch {100 * v.accuracy_reference:.2f}%, "
+                        f"agreement {100 * v.agreement:.1f}%, {n} images)")
+    if 100.0 * v.agreement < budget.min_agreement - 1e-9:
+        f = v.flips
+        failures.append(f"top-1 agreement with PyTorch {100 * v.agreement:.2f}% < {budget.min_agreement:g}% "
+                        f"({f.total} of {n} images changed their answer: {f.to_wrong} right -> wrong, "
+                        f"{f.to_correct} wrong -> right, {f.wrong_to_wrong} wrong -> other wrong)")
+    worst = v.worst_class
+    if budget.max_class_drop_points is not None and worst is not None \
+            and -worst.delta_points > budget.max_class_drop_points + 1e-9:
+        failures.append(f"class {worst.label!r} lost {-worst.delta_points:.2f} points > budget "
+                        f"{budget.max_class_drop_points:g} ({100 * worst.accuracy:.2f}% vs PyTorch "
+                        f"{100 * worst.accuracy_reference:.2f}% on its {worst.images} images)")
+    return failures
+
+
+def verify_onnx(model: Union[str, Path, bytes, Any], reference: Reference, budget: Budget, *,
+                fixed_batch: Optional[int] = None, threads: Optional[int] = None) -> Verification:
+    """Run an ONNX model (a file, its bytes, or an ``onnx.ModelProto``) with ONNX Runtime on the CPU over
+    ``reference`` and compare it with PyTorch under ``budget``."""
+    from tledge_runtime.backends import ort_session
+
+    data = model if isinstance(model, (str, Path, bytes)) else model.SerializeToString()
+    return verify_session(ort_session(data, threads=threads), reference, budget, fixed_batch=fixed_batch)
+
+
+def verify_session(sess: Any, reference: Reference, budget: Budget, *,
+                   fixed_batch: Optional[int] = None) -> Verification:
+    """:func:`verify_onnx` on an onnxruntime session that is already open."""
+    import onnxruntime
+
+    from .graph_run import run
+
+    logits = run(sess, reference.inputs_for(_input_dtype(sess)), fixed_batch=fixed_batch)[0]
+    return reference.compare(logits, budget, backend=f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider")
+
+
+def _input_dtype(sess: Any) -> np.dtype:
+    kind = sess.get_inputs()[0].type
+    return np.dtype({"tensor(uint8)": np.uint8, "tensor(float16)": np.float16}.get(kind, np.float32))
 
 
 def torch_logits(model, x: np.ndarray, *, chunk: int = 32) -> np.ndarray:
@@ -142,8 +177,8 @@ def torch_logits(model, x: np.ndarray, *, chunk: int = 32) -> np.ndarray:
     return np.concatenate(outs).astype(np.float32)
 
 
-COLUMNS = ("format", "file", "MB", "max|Δlogit|", "mean|Δlogit|", "agree %", "PyTorch %", "acc %", "Δ pt",
-           "budget", "status")
+COLUMNS = ("format", "file", "MB", "max|Δlogit|", "agree %", "flips -/+", "worst class Δ", "PyTorch %", "acc %",
+           "Δ pt", "p", "budget", "status")
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
@@ -155,14 +190,15 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def row(fmt: str, file: str, size_bytes: Optional[int], parity: Optional[Parity], status: str) -> list[str]:
+def row(fmt: str, file: str, size_bytes: Optional[int], v: Optional[Verification], status: str) -> list[str]:
     """One table row; numbers a format does not have (e.g. unavailable engines) are '-'."""
-    if parity is None:
-        return [fmt, file or "-", _mb(size_bytes), "-", "-", "-", "-", "-", "-", "-", status]
-    p = parity
-    return [fmt, file or "-", _mb(size_bytes), _num(p.max_abs_diff), _num(p.mean_abs_diff), f"{100 * p.agreement:.1f}",
-            f"{100 * p.accuracy_reference:.2f}", f"{100 * p.accuracy:.2f}", f"{p.accuracy_delta_points:+.2f}",
-            p.budget.describe(), status]
+    if v is None:
+        return [fmt, file or "-", _mb(size_bytes)] + ["-"] * (len(COLUMNS) - 4) + [status]
+    worst = v.worst_class
+    return [fmt, file or "-", _mb(size_bytes), _num(v.max_abs_diff), f"{100 * v.agreement:.1f}",
+            f"{v.flips.to_wrong}/{v.flips.to_correct}", "-" if worst is None else f"{worst.delta_points:+.2f}",
+            f"{100 * v.accuracy_reference:.2f}", f"{100 * v.accuracy:.2f}", f"{v.accuracy_delta_points:+.2f}",
+            "-" if v.mcnemar_p is None else f"{v.mcnemar_p:.2g}", v.budget.describe(), status]
 
 
 def _num(v: Optional[float]) -> str:

@@ -24,12 +24,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .engine_file import is_engine_file, read_engine, read_engine_meta
-from .errors import BackendError, MetadataError, ModelError
+from .errors import BackendError, MetadataError, ModelError, first_line
 from .meta import ONNX_KEY, ModelMeta
 
 log = logging.getLogger("tledge_runtime")
@@ -188,7 +188,8 @@ def _open_onnxruntime(path: Path, device: str, backend: str | None, threads: int
             chain = [n for n in chain if n != "ort-tensorrt"]
             reason += "; TensorRT EP skipped: this int8 model is quantized for the CPU"
     providers = [_ORT_PROVIDER[n] for n in chain]
-    session = _session(ort, path, providers, [_provider_options(n, meta) for n in chain], threads=threads)
+    session = ort_session(path, providers=providers, provider_options=[_provider_options(n, meta) for n in chain],
+                          threads=threads)
     if meta is None:
         meta = meta_from_session(session, path)
     used, wanted = session.get_providers()[0], providers[0]
@@ -252,20 +253,30 @@ def _provider_options(name: str, meta: ModelMeta | None) -> dict:
     return options
 
 
-def _session(ort: Any, path: Path, providers: Sequence[str], options: Sequence[dict], *,
-             threads: int | None, optimize: bool = True) -> Any:
+def ort_session(model: str | os.PathLike | bytes, *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                provider_options: Sequence[dict] | None = None, threads: int | None = None,
+                optimize: bool = True) -> Any:
+    """An onnxruntime InferenceSession of ``model`` (a file or its bytes): the one place sessions are made.
+
+    Full graph optimization by default (what a device runs); errors only in onnxruntime's log (provider
+    fallbacks are explained by tledge, in one line); ``threads`` CPU threads per run. A model onnxruntime
+    refuses is a :class:`ModelError`.
+    """
+    ort = _import_onnxruntime()
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3  # errors only: we explain provider fallbacks ourselves, in one line
+    so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers),
-                                    provider_options=list(options))
+        return ort.InferenceSession(source, sess_options=so, providers=list(providers),
+                                    provider_options=list(provider_options or [{} for _ in providers]))
     except Exception as e:
-        raise ModelError(f"{path}: onnxruntime cannot load this model ({_first_line(e)})",
+        where = "the model" if isinstance(model, bytes) else str(model)
+        raise ModelError(f"{where}: onnxruntime cannot load this model ({first_line(e)})",
                          hint="pass the .onnx file `tledge export` wrote; re-export it if it is truncated") from None
 
 
@@ -301,7 +312,7 @@ class OrtBackend(Backend):
         try:
             return session.run([self.output_name], {self.input_name: batch})[0]
         except Exception as e:
-            raise BackendError(f"onnxruntime failed to run the model ({_first_line(e)})",
+            raise BackendError(f"onnxruntime failed to run the model ({first_line(e)})",
                                hint="check the input batch size and the device's free memory") from None
 
     def close(self) -> None:
@@ -310,14 +321,19 @@ class OrtBackend(Backend):
 
 def meta_from_session(session: Any, path: Path) -> ModelMeta:
     """The tledge metadata of an ONNX model, read from an onnxruntime session (no ``onnx`` package needed)."""
-    props = session.get_modelmeta().custom_metadata_map
+    return meta_from_props(session.get_modelmeta().custom_metadata_map, str(path))
+
+
+def meta_from_props(props: Mapping[str, str], where: str) -> ModelMeta:
+    """The tledge metadata in an ONNX model's ``metadata_props`` (key/value pairs): the one ONNX metadata
+    reader, for onnxruntime sessions here and ``onnx`` protos in tledge_export."""
     if ONNX_KEY not in props:
-        raise MetadataError(f"{path}: the ONNX file carries no tledge metadata (metadata_props key {ONNX_KEY!r})",
+        raise MetadataError(f"{where}: the ONNX file carries no tledge metadata (metadata_props key {ONNX_KEY!r})",
                             hint="export the model with `tledge export`, which writes labels and preprocessing into it")
     try:
         return ModelMeta.from_json(props[ONNX_KEY])
     except MetadataError as e:
-        raise MetadataError(f"{path}: {e.message}", hint=e.hint) from None
+        raise MetadataError(f"{where}: {e.message}", hint=e.hint) from None
 
 
 def read_meta(path: str | os.PathLike) -> ModelMeta:
@@ -327,8 +343,7 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
         raise ModelError(f"{path}: no such model file", hint="check the path")
     if is_engine_file(path):
         return read_engine_meta(path)  # the header only: an engine file may be gigabytes
-    ort = _import_onnxruntime()
-    return meta_from_session(_session(ort, path, ["CPUExecutionProvider"], [{}], threads=1, optimize=False), path)
+    return meta_from_session(ort_session(path, threads=1, optimize=False), path)
 
 
 # --------------------------------------------------------------------------- checks
@@ -366,11 +381,6 @@ def check_io(meta: ModelMeta, backend: Backend, path: str | os.PathLike) -> None
 
 def _fmt(shape: Shape) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 # --------------------------------------------------------------------------- what is installed

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .backends import Backend, open_backend
+from .batching import pad_to
 from .errors import BackendError, ImageError, ModelError, TledgeError
 from .image import DEFAULT_LIMITS, ImageInput, ImageLimits
 from .meta import ModelMeta
@@ -173,10 +174,7 @@ class Classifier:
     def _run_tensor(self, backend: Backend, tensor: np.ndarray) -> np.ndarray:
         """One chunk of graph input -> float64 graph output, padded to a fixed batch and checked."""
         n = len(tensor)
-        if backend.fixed_batch and n < backend.fixed_batch:
-            # A fixed-batch graph takes exactly its batch: pad with copies of the last image, drop their results.
-            tensor = np.concatenate([tensor, np.repeat(tensor[-1:], backend.fixed_batch - n, axis=0)])
-        out = np.asarray(backend.run(tensor), dtype=np.float64)
+        out = np.asarray(backend.run(pad_to(tensor, backend.fixed_batch)), dtype=np.float64)
         # The load check saw the graph's declared shapes; a graph whose output width depends on its input
         # passes it. Check what came back, every run, before anything indexes the labels with it.
         if out.ndim != 2 or out.shape[1] != self.meta.num_classes or len(out) < n:

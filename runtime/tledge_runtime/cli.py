@@ -212,8 +212,14 @@ def _info(args: argparse.Namespace) -> int:
         ("provenance", f"{meta.provenance.architecture}, tledge {meta.provenance.tledge_version or '?'}, "
                        f"opset {meta.provenance.opset or '?'}, created {meta.provenance.created or '?'}"),
     ]
-    if meta.verification:
-        rows.append(("verification", json.dumps(meta.verification, sort_keys=True)[:200]))
+    v = meta.verification
+    if v is not None:
+        worst = v.worst_class
+        rows.append(("verification", f"{'passed' if v.passed else 'FAILED'} against {v.reference or 'PyTorch'} on "
+                                     f"{v.images} images ({v.budget.describe()}): agreement {100 * v.agreement:.2f}%, "
+                                     f"accuracy {v.accuracy_delta_points:+.2f} pt, {v.flips.to_wrong} right->wrong, "
+                                     f"{v.flips.to_correct} wrong->right"
+                                     + (f", worst class {worst.label} {worst.delta_points:+.2f} pt" if worst else "")))
     for key, value in rows:  # every value holds strings from the model file: printed escaped
         print(f"{key:<13} {printable(value)}")
     print("backends")

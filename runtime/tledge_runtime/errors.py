@@ -50,3 +50,13 @@ class CheckFailed(TledgeError):
 
     The command lines exit with status 1 for it (2 for every other TledgeError: bad input, usage, environment).
     """
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message in one line for an error message: the first line, cut at ``limit`` characters.
+
+    Third-party libraries (onnxruntime, TensorRT, the exporters) raise multi-page messages; the user
+    gets the line that says what failed, the log keeps the rest.
+    """
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:limit]

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend, Shape, _first_line
-from .errors import BackendError, ModelError
+from .backends import Backend, Shape
+from .errors import BackendError, ModelError, first_line
 from .meta import ModelMeta
 
 
@@ -35,7 +35,7 @@ class OpenVinoBackend(Backend):
         try:
             self._compiled = ov.Core().compile_model(str(path), "CPU", config)
         except Exception as e:
-            raise ModelError(f"{path}: OpenVINO cannot compile this model ({_first_line(e)})",
+            raise ModelError(f"{path}: OpenVINO cannot compile this model ({first_line(e)})",
                              hint="use an onnxruntime backend (leave backend out)") from None
         if len(self._compiled.inputs) != 1:
             count = len(self._compiled.inputs)
@@ -64,7 +64,7 @@ class OpenVinoBackend(Backend):
             # share_outputs=False: the result must outlive the request, which the next caller reuses.
             return request.infer({0: batch}, share_outputs=False)[self._port_out]
         except Exception as e:
-            raise BackendError(f"OpenVINO failed to run the model ({_first_line(e)})",
+            raise BackendError(f"OpenVINO failed to run the model ({first_line(e)})",
                                hint="check the input batch size") from None
         finally:
             with self._lock:

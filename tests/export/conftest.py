@@ -48,11 +48,12 @@ def held_out(tiny_run) -> HeldOut:
 @pytest.fixture(scope="session")
 def exported(tiny_run, tmp_path_factory):
     """fp32 + fp16 + int8 (CPU flavour) through the Python API."""
-    from tledge.exporting import ExportOptions, export_checkpoint
+    from tledge_export import ExportConfig
+
+    from tledge.exporting import export_checkpoint
 
     out = tmp_path_factory.mktemp("export-api")
-    opts = ExportOptions(checkpoint=str(tiny_run.best), out=str(out), fp16=True, int8=True, workers=2)
-    return export_checkpoint(opts)
+    return export_checkpoint(tiny_run.best, ExportConfig(out=str(out), fp16=True, int8=True), workers=2)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from tledge_export import ExportConfig, export_model
 from tledge_export.accuracy_aware import search
 from tledge_export.artifact import read_meta
-from tledge_export.verify import Budget, Parity
+from tledge_runtime.verification import Budget, Verification
 from tledge_runtime.meta import ModelMeta, Provenance
 
 from tledge.checkpoint import load_checkpoint, preprocess_of
@@ -56,7 +56,7 @@ def test_tight_budget_keeps_the_sensitive_nodes_in_float_and_meets_it(tiny_run, 
     assert "/Mul" in aware["float_nodes"]  # the node that reads the wide channel ranks first
     meta = read_meta(tmp_path / "model.int8.onnx")
     assert meta.quantization.float_nodes == tuple(aware["float_nodes"])
-    assert meta.verification["passed"] and meta.verification["accuracy_delta_points"] == 0.0
+    assert meta.verification.passed and meta.verification.accuracy_delta_points == 0.0
     # The kept nodes really are float: none of their weights is dequantized from int8.
     model = onnx.load(str(tmp_path / "model.int8.onnx"))
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -70,8 +70,8 @@ def test_tight_budget_keeps_the_sensitive_nodes_in_float_and_meets_it(tiny_run, 
     assert aware["cpu_latency_ms_batch1"]["chosen"] > 0
 
 
-def _parity(passed: bool, delta: float) -> Parity:
-    return Parity(images=10, max_abs_diff=0.1, mean_abs_diff=0.01, agreement=1.0 + delta / 100, accuracy_reference=1.0,
+def _parity(passed: bool, delta: float) -> Verification:
+    return Verification(images=10, max_abs_diff=0.1, mean_abs_diff=0.01, agreement=1.0 + delta / 100, accuracy_reference=1.0,
                   accuracy=1.0 + delta / 100, budget=Budget.accuracy(0.5), passed=passed)
 
 

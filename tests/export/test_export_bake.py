@@ -24,7 +24,7 @@ def test_baked_models_take_uint8_nhwc_and_agree_with_the_float_model(exported_cl
         assert spec.type == "tensor(uint8)" and spec.shape == ["batch", 32, 32, 3]
         logits = sess.run(None, {"input": held_out.images})[0]
         agreement = (logits.argmax(1) == held_out.logits.argmax(1)).mean()
-        assert agreement == pytest.approx(meta.verification["agreement"]) and agreement >= 0.9, name
+        assert agreement == pytest.approx(meta.verification.agreement) and agreement >= 0.9, name
         if name == "model.onnx":  # same float32 arithmetic as the runtime's Normalizer: equal to float round-off
             np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5)
 

@@ -30,7 +30,7 @@ def _assert_only_complete_models(folder: Path) -> list[str]:
         names.append(path.name)
         if path.suffix == ".onnx":
             onnx.checker.check_model(onnx.load(str(path)))
-            assert read_meta(path).verification["passed"]
+            assert read_meta(path).verification.passed
     return names
 
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from tledge_export.onnx_export import export_onnx
-from tledge_export.verify import FP32_ATOL, FP32_RTOL
+from tledge_export.config import FP32_ATOL, FP32_RTOL
 from tledge_runtime.meta import ONNX_KEY, ModelMeta, Preprocess
 
 from tledge.checkpoint import file_sha256
@@ -35,8 +35,9 @@ def test_every_file_loads_with_plain_onnxruntime_and_carries_its_metadata(export
         assert meta.input.dtype == "float32" and meta.input.batch is None and not meta.input.baked_preprocess
         assert (meta.quantization.target if meta.quantization else None) == target
         v = meta.verification
-        assert v["passed"] and v["images"] == 15 and "val+test" in v["data"] and v["reference"].startswith("PyTorch")
-        assert v["agreement"] == 1.0 if fmt == "fp32" else v["agreement"] >= 0.9
+        assert v.passed and v.images == 15 and "val+test" in v.data and v.reference.startswith("PyTorch")
+        assert v.agreement == 1.0 if fmt == "fp32" else v.agreement >= 0.9
+        assert v.measured.endswith("+00:00") and sum(c.images for c in v.per_class) == v.images
     report = json.loads((exported.out / "report.json").read_text())
     assert report["ok"] and [f["format"] for f in report["formats"]] == ["fp32", "fp16", "int8"]
     assert report["images"] == {"verification": 15, "verification_data": "held-out val+test split of run",

@@ -11,10 +11,12 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from tledge_export import ExportConfig
+
 from tledge.benchmark import benchmark, discover, to_markdown
 from tledge.cli import main
 from tledge.errors import ConfigError
-from tledge.exporting import ExportOptions, export_checkpoint
+from tledge.exporting import export_checkpoint
 
 from ..datasets import make_dataset
 
@@ -25,7 +27,7 @@ def exported(tiny_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     run = root / "run"
     shutil.copytree(tiny_run.out, run)
-    export_checkpoint(ExportOptions(checkpoint=str(run / "best.pt"), fp16=True))
+    export_checkpoint(run / "best.pt", ExportConfig(fp16=True))
     data = make_dataset(root / "data", per_class=8, seed=100)
     return run, data
 

@@ -146,7 +146,7 @@ def test_log_lines_reach_the_stderr_of_each_invocation():
 
     import click
 
-    from tledge.cli import _setup_logging
+    from tledge.cli_common import setup_logging as _setup_logging
 
     @click.command()
     def cmd():

@@ -115,14 +115,14 @@ def test_every_command_survives_a_nasty_folder(nasty, tmp_path):
 
 
 def test_runtime_classifies_or_refuses_every_file(nasty, tiny_run, tmp_path):
-    from tledge.exporting import ExportOptions, export_checkpoint
+    from tledge.exporting import export_checkpoint
     from tledge_runtime import Classifier
     from tledge_runtime.errors import ImageError
 
     data, expect = nasty
     run = tmp_path / "run"
     shutil.copytree(tiny_run.out, run)
-    export_checkpoint(ExportOptions(checkpoint=str(run / "best.pt")))
+    export_checkpoint(run / "best.pt")
     with Classifier(run / "export" / "model.onnx") as clf:
         for name, verdict in expect.items():
             path = data / "red" / name

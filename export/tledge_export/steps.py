@@ -1,0 +1,184 @@
+"""The per-format export steps: fp32, fp16, int8, each built, verified against PyTorch and written (or not).
+
+Each step takes the :class:`ExportJob` (the model, its base metadata, the config, the held-out
+:class:`~tledge_export.verify.Reference` and the calibration images) and returns a
+:class:`~tledge_export.results.FormatResult`. They all end in :func:`write_verified`: bake the
+preprocessing (if asked), ``onnx.checker``, verify with ONNX Runtime against PyTorch, and only then write
+the file, atomically, with its metadata and its :class:`~tledge_runtime.verification.Verification` inside.
+A format over budget is not written (and an older file of that name tledge wrote is removed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+from tledge_runtime.batching import pad_to
+from tledge_runtime.meta import InputSpec, ModelMeta, OutputSpec, Quantization
+from tledge_runtime.verification import Budget, Verification
+
+from . import artifact
+from .bake import bake_preprocess
+from .config import FILE_NAMES, METHODS, ExportConfig
+from .graph_run import latency_ms, session
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from .results import FormatResult
+from .verify import Reference, verify_onnx, verify_session
+
+log = logging.getLogger(__name__)
+
+FP16_RANGE_IMAGES = 64  # images the fp16 overflow check runs on
+
+
+@dataclass
+class ExportJob:
+    """What every step of one export shares."""
+
+    model: Any  # the PyTorch classifier (eval mode, CPU)
+    meta: ModelMeta  # labels, preprocessing, provenance: what every written model's metadata starts from
+    config: ExportConfig
+    reference: Reference  # held-out images and PyTorch's logits on them
+    calib: Optional[np.ndarray]  # calibration images, normalized NCHW float32 (int8, fp16 range check)
+    calib_images: Optional[np.ndarray]  # the same, uint8 NHWC (quantization-aware training)
+    out: Path
+    measured: str  # when the export ran (ISO 8601 UTC), recorded in every verification
+    progress: Optional[Callable[..., Any]] = None  # tqdm-like factory
+
+    def bake(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return bake_preprocess(model, self.meta.preprocess) if self.config.bake_preprocess else model
+
+
+def export_fp32(job: ExportJob) -> tuple[FormatResult, onnx.ModelProto]:
+    """The fp32 graph (what fp16 and int8 are made from), and its result; held to the logits budget."""
+    cfg = job.config
+    fp32 = export_onnx(job.model, job.meta.preprocess, job.meta.num_classes, batch=cfg.batch, opset=cfg.opset,
+                       exporter=cfg.exporter)
+    return write_verified(job, "fp32", fp32, "fp32", Budget.logits(cfg.fp32_atol, cfg.fp32_rtol)), fp32
+
+
+def export_fp16(job: ExportJob, fp32: onnx.ModelProto) -> FormatResult:
+    """fp16 with onnxconverter-common; nodes whose tensors would overflow fp16 on calibration images stay fp32."""
+    from .fp16 import convert_fp16, fp16_unsafe_nodes, fp32_node_names
+
+    cfg = job.config
+    images = job.calib if job.calib is not None else job.reference.x
+    unsafe = fp16_unsafe_nodes(fp32, images[:FP16_RANGE_IMAGES], fixed_batch=cfg.batch)
+    fp16 = convert_fp16(fp32, keep_io_types=not cfg.fp16_io, fp32_nodes=unsafe)
+    return write_verified(job, "fp16", fp16, "fp16", accuracy_budget(cfg, cfg.fp16_budget),
+                          details={"fp32_nodes": fp32_node_names(fp32, unsafe), "fp16_io": cfg.fp16_io})
+
+
+def accuracy_budget(cfg: ExportConfig, max_drop_points: float) -> Budget:
+    return Budget.accuracy(max_drop_points, cfg.min_agreement, cfg.max_class_drop)
+
+
+def export_int8(job: ExportJob, fp32: onnx.ModelProto) -> FormatResult:
+    """int8 QDQ: post-training calibration, accuracy-aware (sensitive nodes kept in float until the budget
+    holds), then quantization-aware training when that is not enough (``--qat auto``) or asked (``--qat on``)."""
+    from .accuracy_aware import search
+    from .int8 import Quantizer
+    from .sensitivity import rank_nodes
+
+    cfg = job.config
+    budget = accuracy_budget(cfg, cfg.budget)
+    fmt = "int8" if cfg.target == "cpu" else "int8-trt"
+    with Quantizer(fp32, job.calib, target=cfg.target, method=cfg.calib_method, fixed_batch=cfg.batch) as q:
+        found = None
+        if cfg.qat != "on":
+            found = search(q.quantize, lambda m: evaluate_int8(job, m, budget),
+                           lambda m: rank_nodes(m, job.calib, float_model=q.float_model, fixed_batch=cfg.batch),
+                           max_float_nodes=cfg.max_float_nodes, progress=job.progress)
+            quant = q.metadata(found.float_nodes)
+            details = {"quantization": quant_dict(quant), "accuracy_aware": found.to_dict()}
+            if found.parity.passed or cfg.qat == "off":
+                return write_verified(job, fmt, found.model, "int8", budget, quantization=quant,
+                                      verification=found.parity, details=details)
+            log.info("post-training int8 misses its budget (%s); quantization-aware training next",
+                     "; ".join(found.parity.failures))
+        from .qat_step import export_qat
+
+        return export_qat(job, fp32, q, budget, fmt, previous=found)
+
+
+def evaluate_int8(job: ExportJob, model: onnx.ModelProto, budget: Budget) -> tuple[Verification, float]:
+    """Verification and batch-1 CPU latency (ms) of one int8 candidate."""
+    final = job.bake(model)
+    sess = session(final)
+    verification = verify_session(sess, job.reference, budget, fixed_batch=job.config.batch)
+    elem = final.graph.input[0].type.tensor_type.elem_type
+    sample = job.reference.inputs_for(np.dtype(np.uint8) if elem == onnx.TensorProto.UINT8 else np.dtype(np.float32))
+    return verification, latency_ms(sess, pad_to(sample[:1], job.config.batch))
+
+
+def write_verified(job: ExportJob, fmt: str, core: onnx.ModelProto, precision: str, budget: Budget, *,
+                   quantization: Optional[Quantization] = None, verification: Optional[Verification] = None,
+                   details: Optional[dict[str, Any]] = None) -> FormatResult:
+    """Bake, check, verify (unless ``verification`` was measured already), then write the model or record why not."""
+    final = job.bake(core)
+    artifact.check(final, fmt)
+    if verification is None:
+        verification = verify_onnx(final, job.reference, budget, fixed_batch=job.config.batch)
+    verification = verification.with_(measured=job.measured)
+    path = job.out / FILE_NAMES[fmt]
+    result = FormatResult(fmt, "ok", parity=verification, details=dict(details or {}))
+    if verification.passed:
+        artifact.embed_meta(final, format_meta(job, final, precision, verification, quantization))
+        artifact.save_onnx(final, path)
+        result.path, result.size_bytes = path, path.stat().st_size
+    else:
+        artifact.remove_stale(path)
+        result.status, result.message = "over_budget", "; ".join(verification.failures)
+        result.hint = budget_hint(fmt, verification, result.details)
+        log.error("%s over budget, not written: %s", fmt, result.message)
+    return result
+
+
+def format_meta(job: ExportJob, model: onnx.ModelProto, precision: str, verification: Verification,
+                quantization: Optional[Quantization] = None) -> ModelMeta:
+    """The metadata of one written model: its input, precision, quantization and verification."""
+    elem = model.graph.input[0].type.tensor_type.elem_type
+    dtype = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.FLOAT16: "float16"}.get(elem, "float32")
+    baked = job.config.bake_preprocess
+    return job.meta.with_(
+        input=InputSpec(name=INPUT_NAME, layout="NHWC" if baked else "NCHW", dtype=dtype, batch=job.config.batch,
+                        baked_preprocess=baked),
+        output=OutputSpec(name=OUTPUT_NAME, kind="logits"),
+        precision=precision, quantization=quantization,
+        provenance=replace(job.meta.provenance, opset=artifact.opset_of(model)),
+        verification=verification)
+
+
+def budget_hint(fmt: str, v: Verification, details: dict[str, Any]) -> str:
+    """What to try when ``fmt`` missed its budget, from what was tried already."""
+    few = (f"with {v.images} held-out images one changed prediction moves accuracy by "
+           f"{100 / max(v.images, 1):.2g} points")
+    if fmt == "fp32":
+        return ("the ONNX graph does not compute what the PyTorch model does: try --exporter dynamo or "
+                "another --opset, and report the architecture")
+    if fmt == "fp16":
+        return f"ship the fp32 or int8 model instead, or verify on more held-out images ({few})"
+    if "qat" in details:
+        return ("quantization-aware training did not meet it either: try --qat-epochs 4, a looser --budget / "
+                f"--min-agreement, or ship fp16, which keeps accuracy ({few})")
+    aware = details.get("accuracy_aware", {})
+    limit = aware.get("limit", 0)
+    if limit:
+        kept = (f"accuracy-aware int8 tried up to {limit} node(s) in float (its limit) without meeting it, "
+                f"the closest attempt kept {len(aware.get('float_nodes', []))}; ")
+    else:
+        kept = "accuracy-aware int8 kept no node in float (--max-float-nodes 0, or no node ranked); "
+    used = details.get("quantization", {}).get("method")
+    others = " or ".join(m for m in METHODS if m != used)
+    return (kept + f"try --qat on, --calib-method {others}, a larger --calib-size, a larger --max-float-nodes, "
+            f"or a looser --budget / --min-agreement; or ship fp16, which keeps accuracy ({few})")
+
+
+def quant_dict(q: Quantization) -> dict[str, Any]:
+    return {"target": q.target, "method": q.method, "calibration_images": q.calibration_images,
+            "activation_type": q.activation_type, "weight_type": q.weight_type, "per_channel": q.per_channel,
+            "float_nodes": list(q.float_nodes)}
