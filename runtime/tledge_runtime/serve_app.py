@@ -5,7 +5,8 @@ Order of work for a request, cheapest refusal first:
 2. the model name and the declared body size;
 3. admission: a slot among ``max_queue`` and the body's bytes within ``body_memory`` - both before
    a byte of the body is read, so overload costs neither memory nor decoding;
-4. the body, read against the size limit while it streams and against the request's deadline;
+4. the body, read against the size limit while it streams and against the request's deadline
+   (:mod:`.serve_http`, which also turns every error into JSON);
 5. decoding in a bounded pool of threads, then the batcher; a client that disconnects or a
    deadline that passes while waiting withdraws the job before the model runs it.
 Every answer is JSON (or OIP binary tensors) with a status code, errors included.
@@ -14,9 +15,6 @@ Every answer is JSON (or OIP binary tensors) with a status code, errors included
 from __future__ import annotations
 
 import asyncio
-import hmac
-import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,39 +32,25 @@ from . import __version__, oip
 from . import served_model as sm
 from .engine_file import is_engine_file
 from .errors import ImageError, TledgeError
-from .serve_batch import IMAGES, TENSOR, Batcher, Dropped
+from .serve_batch import IMAGES, TENSOR, Batcher
+from .serve_http import (
+    Guard,
+    HTTPError,
+    Observe,
+    content_length,
+    disconnected,
+    http_exception,
+    late,
+    read_body,
+    tledge_error,
+    too_large,
+    unexpected,
+)
 from .serve_metrics import Metrics
 
 if TYPE_CHECKING:
     from .classifier import Classifier
     from .serve import ServeConfig
-
-log = logging.getLogger("tledge_runtime")
-
-# Paths anyone may read: liveness and readiness (load balancers and orchestrators probe them without secrets).
-_OPEN = re.compile(r"^/(health|v2/health/(live|ready)|v2/models/[^/]+(/versions/[^/]+)?/ready)$")
-# Endpoint labels of the metrics: a bounded set, whatever paths clients send.
-_ENDPOINTS = [
-    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$"), "infer"),
-    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$"), "model_ready"),
-    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?$"), "model_metadata"),
-    (re.compile(r"^/v2/health/(live|ready)$"), "health"),
-    (re.compile(r"^/v2$"), "server_metadata"),
-    (re.compile(r"^/predict$"), "predict"),
-    (re.compile(r"^/health$"), "health"),
-    (re.compile(r"^/info$"), "info"),
-    (re.compile(r"^/metrics$"), "metrics"),
-]
-
-
-class HTTPError(TledgeError):
-    """An answer other than 200, raised anywhere in a handler and turned into JSON in one place."""
-
-    def __init__(self, status: int, message: str, hint: str | None = None, headers: dict | None = None):
-        super().__init__(message, hint)
-        self.status = status
-        self.headers = headers or {}
-
 
 @dataclass(frozen=True)
 class Served:
@@ -119,64 +103,9 @@ def build_app(classifier: Classifier, config: ServeConfig, name: str) -> tuple[A
                    Route(prefix + "/infer", h.infer, methods=["POST"])]
     routes += [Route("/predict", h.predict, methods=["POST"]), Route("/health", h.health), Route("/info", h.info),
                Route("/metrics", h.metrics)]
-    handlers = {HTTPException: _http_exception, TledgeError: _tledge_error, Exception: _unexpected}
+    handlers = {HTTPException: http_exception, TledgeError: tledge_error, Exception: unexpected}
     app = Starlette(routes=routes, exception_handlers=handlers)
     return Observe(Guard(app, config.token), metrics), state
-
-
-# ----------------------------------------------------------------------------- middleware (plain ASGI)
-
-
-class Observe:
-    """Counts every answer by endpoint and status and times it, whatever produced it."""
-
-    def __init__(self, app: Any, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = {"code": 500}
-
-        async def observed(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed)
-        finally:
-            self.metrics.observe(endpoint_of(scope["path"]), status["code"], time.perf_counter() - start)
-
-
-class Guard:
-    """Bearer-token check before routing and before the body: liveness and readiness stay open."""
-
-    def __init__(self, app: Any, token: str | None):
-        self.app = app
-        self._expected = f"Bearer {token}".encode() if token else None
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or self._expected is None or _OPEN.match(scope["path"]):
-            return await self.app(scope, receive, send)
-        sent = b""
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                sent = value
-        if hmac.compare_digest(sent, self._expected):  # constant time: no timing oracle on the token
-            return await self.app(scope, receive, send)
-        message = "missing bearer token" if not sent else "wrong bearer token"
-        response = _error(401, message, "send the header 'Authorization: Bearer <token>' with the server's token",
-                          {"WWW-Authenticate": 'Bearer realm="tledge-runtime"'})
-        await response(scope, receive, send)
-
-
-def endpoint_of(path: str) -> str:
-    for pattern, name in _ENDPOINTS:
-        if pattern.match(path):
-            return name
-    return "other"
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -298,9 +227,9 @@ class _Handlers:
     async def _admitted(self, request: Request, handle: Callable[[bytes, float], Awaitable[Response]]) -> Response:
         s, cfg = self.s, self.s.config
         deadline = time.monotonic() + cfg.timeout_s
-        declared = _content_length(request)
+        declared = content_length(request)
         if declared is not None and declared > cfg.max_bytes:
-            raise _too_large(declared, cfg.max_bytes)
+            raise too_large(declared, cfg.max_bytes)
         reserve = declared if declared is not None else cfg.max_bytes
         if s.in_flight >= cfg.max_queue:
             s.metrics.refused.labels("queue").inc()
@@ -315,7 +244,7 @@ class _Handlers:
         s.metrics.in_flight.inc()
         s.metrics.body_bytes.set(s.body_bytes)
         try:
-            body = await _read_body(request, cfg.max_bytes, deadline)
+            body = await read_body(request, cfg.max_bytes, deadline)
             return await handle(body, deadline)
         finally:
             s.in_flight -= 1
@@ -329,10 +258,10 @@ class _Handlers:
     async def _run(self, request: Request, kind: str, array: np.ndarray, deadline: float) -> np.ndarray:
         """The model's answer for ``array``, unless the deadline passes or the client leaves first."""
         if time.monotonic() >= deadline:
-            raise _late()
+            raise late()
         job = self.s.batcher.submit(kind, array, deadline)
         answer = asyncio.wrap_future(job.future)
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(request))
         try:
             done, _ = await asyncio.wait({answer, gone}, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -344,7 +273,7 @@ class _Handlers:
         answer.cancel()  # withdraws the job unless the model already runs it
         if gone in done:
             raise HTTPError(499, "the client closed the connection", None)
-        raise _late()
+        raise late()
 
     # --- small parsers
 
@@ -373,55 +302,6 @@ class _Handlers:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _content_length(request: Request) -> int | None:
-    raw = request.headers.get("content-length")
-    if raw is None:
-        return None
-    try:  # h11 has checked the syntax already; a second look costs nothing
-        return int(raw)
-    except ValueError:
-        raise HTTPError(400, f"bad Content-Length {raw!r}", "send a non-negative integer") from None
-
-
-async def _read_body(request: Request, max_bytes: int, deadline: float) -> bytes:
-    """The body, read chunk by chunk: never more than ``max_bytes`` held, never past ``deadline``."""
-    chunks, size = [], 0
-    with anyio.move_on_after(max(0.0, deadline - time.monotonic())) as scope:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                raise HTTPError(499, "the client closed the connection", None)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > max_bytes:
-                raise _too_large(size, max_bytes, sent=True)
-            if chunk:
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-    if scope.cancelled_caught:
-        raise HTTPError(408, "the request body did not arrive before the request deadline",
-                        "send the whole body without pauses; the server cuts off slow senders", {"Connection": "close"})
-    return b"".join(chunks)
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _too_large(size: int, limit: int, sent: bool = False) -> HTTPError:
-    what = f"more than {limit} bytes of request body arrived" if sent else f"request body is {size} bytes"
-    return HTTPError(413, f"{what}, more than the {limit} allowed" if not sent else what,
-                     "downscale or recompress the image, or start the server with a larger --max-bytes",
-                     {"Connection": "close"})
-
-
-def _late() -> HTTPError:
-    return HTTPError(503, "the model did not answer within the request deadline", "retry shortly; the server is "
-                     "overloaded", {"Retry-After": "1"})
 
 
 def _prepare_one(clf: Classifier, body: bytes) -> np.ndarray:
@@ -462,36 +342,3 @@ def _one_input(req: oip.InferRequest, model: Served) -> oip.Tensor:
     return x
 
 
-def _error(status: int, message: str, hint: str | None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "hint": hint}, status_code=status, headers=headers)
-
-
-async def _http_exception(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
-        return _error(405, f"{request.method} is not allowed on {request.url.path}", f"use {allowed}", exc.headers)
-    if exc.status_code == 404:
-        return _error(404, f"no such endpoint {request.url.path!r}",
-                      "use POST /v2/models/<name>/infer, POST /predict, GET /v2/health/ready or GET /metrics")
-    return _error(exc.status_code, str(exc.detail), None, exc.headers)
-
-
-async def _tledge_error(request: Request, exc: Exception) -> Response:
-    """tledge's own errors from a handler: the status says whose fault it is, the body says how to fix it."""
-    assert isinstance(exc, TledgeError)
-    if isinstance(exc, HTTPError):
-        return _error(exc.status, exc.message, exc.hint, exc.headers)
-    if isinstance(exc, oip.ProtocolError):
-        return _error(exc.status, exc.message, exc.hint)
-    if isinstance(exc, ImageError):
-        return _error(400, exc.message, exc.hint)
-    if isinstance(exc, Dropped):
-        return _error(503, exc.message, exc.hint, {"Retry-After": "1"})
-    log.error("%s %s: %s", request.method, request.url.path, exc)
-    return _error(500, exc.message, exc.hint)
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    """A bug that escaped a handler: the client still gets JSON with a status; starlette logs the traceback."""
-    return _error(500, "internal error", "see the server log")
