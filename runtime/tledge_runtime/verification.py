@@ -17,10 +17,11 @@ a :class:`~tledge_runtime.errors.MetadataError` for anything else), in one place
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 from .errors import MetadataError
+from .metadata_checks import build
 
 BUDGET_KINDS = ("logits", "accuracy")
 MAX_TEXT = 4096  # characters of one failure message or description
@@ -138,8 +139,6 @@ class Verification:
         return min(self.per_class, key=lambda c: c.delta_points, default=None)
 
     def with_(self, **changes: Any) -> Verification:
-        from dataclasses import replace
-
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,8 +160,8 @@ class Verification:
         _need(not unknown, f"unknown verification field(s) {unknown[:5]}")
         body = {k: v for k, v in d.items() if k != "accuracy_delta_points"}
         try:
-            body["budget"] = Budget(**_obj(body["budget"], "budget"))
-            body["flips"] = Flips(**_obj(body.get("flips", {}), "flips"))
+            body["budget"] = build(Budget, body["budget"], "verification budget")
+            body["flips"] = build(Flips, body.get("flips", {}), "verification flips")
             body["per_class"] = tuple(_class_delta(c) for c in _list(body.get("per_class", []), "per_class"))
             body["failures"] = tuple(_text(f, "failure") for f in _list(body.get("failures", []), "failures"))
             v = cls(**body)
@@ -201,8 +200,8 @@ def mcnemar_p(to_correct: int, to_wrong: int) -> float:
 
 def _class_delta(c: Any) -> ClassDelta:
     c = dict(_obj(c, "per_class entry"))
-    c.pop("delta_points", None)
-    delta = ClassDelta(**c)
+    c.pop("delta_points", None)  # derived, written for people reading the JSON
+    delta = build(ClassDelta, c, "verification per_class entry")
     _need(isinstance(delta.label, str) and len(delta.label) <= MAX_TEXT and _count(delta.images)
           and all(_number(v) and 0 <= v <= 1 for v in (delta.accuracy, delta.accuracy_reference)),
           "malformed per_class verification entry")

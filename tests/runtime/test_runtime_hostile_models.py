@@ -56,27 +56,37 @@ def test_brackets_inside_strings_do_not_count_as_nesting():
     assert json_depth('{"a": "[[[[\\"]]"}') == 1 and json_depth("3") == 0
 
 
-def test_deep_verification_is_refused_everywhere(tmp_path, capsys):
+VERIFICATION = {"images": 4, "max_abs_diff": 0.1, "mean_abs_diff": 0.01, "agreement": 1.0, "accuracy_reference": 0.75,
+                "accuracy": 0.75, "budget": {"kind": "accuracy", "max_drop_points": 1.0, "min_agreement": 99.0},
+                "passed": True, "failures": [], "backend": "onnxruntime", "reference": "PyTorch", "data": "held-out",
+                "measured": "2026-11-28T00:00:00+00:00", "flips": {"to_correct": 0, "to_wrong": 0, "wrong_to_wrong": 0},
+                "mcnemar_p": 1.0, "per_class": [{"label": "red", "images": 4, "accuracy_reference": 0.75,
+                                                 "accuracy": 0.75}]}
+
+
+def test_deep_or_foreign_verification_is_refused_everywhere(tmp_path, capsys):
     nested: dict = {}
     node = nested
-    for _ in range(10):  # within the document's depth limit, beyond verification's
+    for _ in range(10):  # within the document's depth limit: the typed reader refuses the shape
         node["x"] = {}
         node = node["x"]
-    text = _doc(verification=nested)
-    _refused(text, "verification nests more than")
+    text = _doc(verification={**VERIFICATION, "budget": nested})
+    _refused(text, "unknown verification budget metadata field(s) ['x']")
+    _refused(_doc(verification=nested), "unknown verification field(s) ['x']")
     path = write_model(tmp_path / "deep.onnx", meta_json=text)
     with pytest.raises(MetadataError):
         Classifier(path)
     assert main(["-q", "info", str(path), "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "verification nests" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "verification budget" in err[0]
 
 
 def test_verification_size_and_strings_are_bounded():
-    _refused(_doc(verification={"v": list(range(20_000))}), "verification holds more than")
-    _refused(_doc(verification={"v": "x" * 5000}), "verification strings")
-    _refused(_doc(verification={"v": [1, {"k": [2, None, True, "ok"]}], "w": float("nan")}), "not valid JSON")
-    assert ModelMeta.from_json(_doc(verification={"v": [1, {"k": [2.5, None, True, "ok"]}]})).verification
+    _refused(_doc(verification={**VERIFICATION, "failures": ["x"] * 100_001}), "failures must be a list of at most")
+    _refused(_doc(verification={**VERIFICATION, "backend": "x" * 5000}), "backend must be a string of at most 4096")
+    _refused(_doc(verification={**VERIFICATION, "agreement": 7}), "agreement must be in 0..1")
+    _refused(_doc(verification={**VERIFICATION, "flips": {"to_wrong": -1}}), "flips must be counts")
+    assert ModelMeta.from_json(_doc(verification=VERIFICATION)).verification.per_class[0].label == "red"
 
 
 @pytest.mark.parametrize("surface", ["api", "classifier", "info", "predict"])
