@@ -476,18 +476,21 @@ def http_comparison(model: Path, seconds: float, max_bytes: int) -> None:
               f"server ({OLD_COMMIT}), each in its own process, same run")
         print(f"requests: POST /predict with 640x480 JPEG bytes; --max-bytes {max_bytes}")
 
-        print(f"\n### a. keep-alive clients, {seconds:.0f} s each")
-        print("| server | clients | requests/s (200) | p50 ms | p99 ms | answers | connection errors | wrong labels |")
-        print("|---|---:|---:|---:|---:|---|---:|---:|")
+        print(f"\n### a. keep-alive clients, {seconds:.0f} s each, twice in alternating order (the machine is shared)")
+        print("| server | clients | run | requests/s (200) | p50 ms | p99 ms | answers | connection errors | "
+              "wrong labels |")
+        print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
         for clients in (8, 64):
-            for kind in kinds:
-                server = start(kind, model, old_source, max_bytes)
-                if server is None:
-                    continue
-                r = keepalive_load(server, clients, seconds, good)
-                server.stop(signal.SIGKILL)
-                print(f"| {kind} | {clients} | {r['ok_rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['statuses']} | "
-                      f"{r['errors']}{' ' + str(r['error_kinds']) if r['errors'] else ''} | {r['wrong']} |")
+            for run, order in enumerate((kinds, kinds[::-1]), 1):
+                for kind in order:
+                    server = start(kind, model, old_source, max_bytes)
+                    if server is None:
+                        continue
+                    r = keepalive_load(server, clients, seconds, good)
+                    server.stop(signal.SIGKILL)
+                    print(f"| {kind} | {clients} | {run} | {r['ok_rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+                          f"{r['statuses']} | {r['errors']}{' ' + str(r['error_kinds']) if r['errors'] else ''} | "
+                          f"{r['wrong']} |")
 
         print("\n### b. 256 clients connecting at once (GET /health)")
         print("| server | answers | connection errors |")

@@ -59,7 +59,7 @@ class InferRequest:
     binary_output: bool  # the request's ``binary_data_output`` parameter
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+def parse_infer_request(body: bytes | bytearray, header_length: str | None) -> InferRequest:
     """Decode an inference request body; ``header_length``: the Inference-Header-Content-Length header, if sent."""
     if header_length is None:
         header, binary = body, b""
@@ -71,7 +71,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         if not 0 < n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes",
                                 "send the JSON header's length in bytes")
-        header, binary = body[:n], body[n:]
+        view = memoryview(body)  # the binary tensors are read where they lie, not copied out first
+        header, binary = bytes(view[:n]), view[n:]
     try:
         doc = json.loads(header)
     except (ValueError, UnicodeDecodeError) as e:
@@ -136,7 +137,7 @@ def classification(scores: np.ndarray, labels: tuple[str, ...], k: int) -> np.nd
 # ----------------------------------------------------------------------------- decoding
 
 
-def _input(item: Any, binary: bytes, offset: int) -> tuple[Tensor, int]:
+def _input(item: Any, binary: bytes | memoryview, offset: int) -> tuple[Tensor, int]:
     _expect(isinstance(item, dict), "each input must be a JSON object")
     name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
     _expect(isinstance(name, str) and name, "each input needs a 'name'")
@@ -158,21 +159,21 @@ def _input(item: Any, binary: bytes, offset: int) -> tuple[Tensor, int]:
     return Tensor(name, datatype, _json_tensor(item["data"], datatype, shape, count, name)), offset
 
 
-def _fixed_tensor(raw: bytes, datatype: str, count: int, name: str) -> np.ndarray:
+def _fixed_tensor(raw: bytes | memoryview, datatype: str, count: int, name: str) -> np.ndarray:
     dtype = np.dtype(NUMPY_TYPES[datatype]).newbyteorder("<")
     _expect(len(raw) == count * dtype.itemsize,
             f"input {name!r}: {len(raw)} bytes of binary data, its shape needs {count * dtype.itemsize}")
     return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
 
 
-def _bytes_tensor(raw: bytes, count: int, name: str) -> np.ndarray:
+def _bytes_tensor(raw: bytes | memoryview, count: int, name: str) -> np.ndarray:
     out = np.empty(count, dtype=np.object_)
     pos = 0
     for i in range(count):
         _expect(pos + 4 <= len(raw), f"input {name!r}: BYTES data ends before element {i}")
         (n,) = struct.unpack_from("<I", raw, pos)
         _expect(pos + 4 + n <= len(raw), f"input {name!r}: BYTES element {i} claims {n} bytes, fewer are there")
-        out[i] = raw[pos + 4:pos + 4 + n]
+        out[i] = bytes(raw[pos + 4:pos + 4 + n])
         pos += 4 + n
     _expect(pos == len(raw), f"input {name!r}: {len(raw) - pos} bytes left after its {count} BYTES elements")
     return out

@@ -57,7 +57,7 @@ class ServeConfig:
     ssl_keyfile: str | None = None
     max_bytes: int = 10 << 20  # largest request body, bytes
     max_queue: int = 64  # inference requests admitted at once (reading, decoding, waiting, running); more get 503
-    body_memory: int = 256 << 20  # request-body bytes admitted at once (declared length, or max_bytes); more get 503
+    body_memory: int = 128 << 20  # request-body bytes admitted at once (declared length, or max_bytes); more get 503
     max_batch: int = 8  # images per model run when requests pile up
     topk: int = 5  # classes listed in each /predict answer unless ?topk= says otherwise
     timeout_s: float = 30.0  # a request's whole life: headers, body, decoding, queue, model

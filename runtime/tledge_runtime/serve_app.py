@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .classifier import Classifier
     from .serve import ServeConfig
 
+
 @dataclass(frozen=True)
 class Served:
     """One model name the server answers to and its tensors (as the Triton repository has them)."""
@@ -125,7 +126,7 @@ class _Handlers:
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def model_ready(self, request: Request) -> Response:
-        model = self._model(request)
+        model = self._model(request, reveal=self.s.config.token is None)  # open path: names only to the trusted
         ok = self.s.batcher.alive
         return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)
 
@@ -166,7 +167,7 @@ class _Handlers:
         model = self._model(request)
         return await self._admitted(request, lambda body, deadline: self._infer(request, model, body, deadline))
 
-    async def _predict(self, request: Request, body: bytes, k: int, deadline: float) -> Response:
+    async def _predict(self, request: Request, body: bytearray, k: int, deadline: float) -> Response:
         if not body:
             raise HTTPError(400, "empty request body", "POST the image file's bytes")
         start = time.perf_counter()
@@ -177,7 +178,7 @@ class _Handlers:
         return JSONResponse({**top[0].to_dict(), "topk": [p.to_dict() for p in top],
                              "latency_ms": round((time.perf_counter() - start) * 1000.0, 3)})
 
-    async def _infer(self, request: Request, model: Served, body: bytes, deadline: float) -> Response:
+    async def _infer(self, request: Request, model: Served, body: bytearray, deadline: float) -> Response:
         req = await self._in_thread(oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH))
         specs = {o.name: o for o in model.outputs}
         for o in req.outputs or ():  # checked before any decoding or model time is spent
@@ -188,22 +189,14 @@ class _Handlers:
                                 f"ask for classification on {', '.join(s.name for s in model.outputs if s.labelled)}")
         x = _one_input(req, model)
         if model.image:
-            images = await self._in_thread(_prepare_many, self.s.classifier, x.array)
+            images = await self._in_thread(sm.prepare_images, self.s.classifier, x.array)
             probs = await self._run(request, IMAGES, images, deadline)
-            results = self._image_outputs(probs)
+            results = sm.image_results(probs, self.s.classifier.labels)
         else:
             spec = model.outputs[0]
             out = await self._run(request, TENSOR, x.array, deadline)
             results = {spec.name: out.astype(oip.NUMPY_TYPES[spec.datatype])}
         return self._oip_response(model, req, results)
-
-    def _image_outputs(self, probs: np.ndarray) -> dict[str, np.ndarray]:
-        best = probs.argmax(axis=1)
-        labels = np.empty((len(probs), 1), dtype=np.object_)
-        labels[:, 0] = [self.s.classifier.labels[i].encode("utf-8") for i in best]
-        return {sm.LABEL_OUTPUT: labels,
-                sm.SCORE_OUTPUT: probs[np.arange(len(probs)), best].astype(np.float32)[:, None],
-                sm.PROBABILITIES_OUTPUT: probs.astype(np.float32)}
 
     def _oip_response(self, model: Served, req: oip.InferRequest, results: dict[str, np.ndarray]) -> Response:
         specs = {o.name: o for o in model.outputs}
@@ -224,7 +217,7 @@ class _Handlers:
 
     # --- the shared path of every inference request
 
-    async def _admitted(self, request: Request, handle: Callable[[bytes, float], Awaitable[Response]]) -> Response:
+    async def _admitted(self, request: Request, handle: Callable[[bytearray, float], Awaitable[Response]]) -> Response:
         s, cfg = self.s, self.s.config
         deadline = time.monotonic() + cfg.timeout_s
         declared = content_length(request)
@@ -244,7 +237,7 @@ class _Handlers:
         s.metrics.in_flight.inc()
         s.metrics.body_bytes.set(s.body_bytes)
         try:
-            body = await read_body(request, cfg.max_bytes, deadline)
+            body = await read_body(request, cfg.max_bytes, deadline, declared)
             return await handle(body, deadline)
         finally:
             s.in_flight -= 1
@@ -277,12 +270,13 @@ class _Handlers:
 
     # --- small parsers
 
-    def _model(self, request: Request) -> Served:
+    def _model(self, request: Request, reveal: bool = True) -> Served:
         name = request.path_params["model"]
         version = request.path_params.get("version")
         model = self.s.models.get(name)
         if model is None:
-            raise HTTPError(404, f"no model named {name!r}", f"this server has {', '.join(sorted(self.s.models))}")
+            names = ", ".join(sorted(self.s.models)) if reveal else "other names"
+            raise HTTPError(404, f"no model named {name!r}", f"this server has {names}")
         if version is not None and version != "1":
             raise HTTPError(404, f"model {name!r} has no version {version!r}", "use version 1, or none")
         return model
@@ -304,24 +298,11 @@ class _Handlers:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _prepare_one(clf: Classifier, body: bytes) -> np.ndarray:
+def _prepare_one(clf: Classifier, body: bytearray) -> np.ndarray:
     try:
         return clf.prepare(body)
     except ImageError as e:  # load_image names in-memory sources "<bytes>"; here they are the request body
         raise ImageError(e.message.replace("<bytes>", "request body", 1), e.hint, e.kind) from None
-
-
-def _prepare_many(clf: Classifier, encoded: np.ndarray) -> np.ndarray:
-    prepared = []
-    for i, item in enumerate(encoded.reshape(len(encoded), -1)):
-        if item.size != 1:
-            raise oip.ProtocolError(f"input {sm.IMAGE_INPUT!r}: {item.size} elements in row {i}, one encoded image "
-                                    "per row expected", "send shape [N, 1]")
-        try:
-            prepared.append(clf.prepare(bytes(item[0])))
-        except ImageError as e:
-            raise ImageError(e.message.replace("<bytes>", f"image {i}", 1), e.hint, e.kind) from None
-    return np.stack(prepared)
 
 
 def _one_input(req: oip.InferRequest, model: Served) -> oip.Tensor:

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+
+from .errors import ImageError
 from .meta import ModelMeta
 
 IMAGE_SUFFIX = "_image"
@@ -88,3 +92,29 @@ def image_inputs(meta: ModelMeta) -> tuple[TensorSpec, ...]:
 def image_outputs(meta: ModelMeta) -> tuple[TensorSpec, ...]:
     return (TensorSpec(LABEL_OUTPUT, "BYTES", (1,)), TensorSpec(SCORE_OUTPUT, "FP32", (1,)),
             TensorSpec(PROBABILITIES_OUTPUT, "FP32", (meta.num_classes,), labelled=True))
+
+
+def prepare_images(classifier: Any, encoded: np.ndarray) -> np.ndarray:
+    """The ``image`` input of an ``_image`` model (N rows of one encoded file each) as ``Classifier.infer`` takes it.
+
+    Errors name the row (``image 3: not an image ...``) so a client sending a batch knows which file failed.
+    """
+    prepared = []
+    for i, row in enumerate(encoded.reshape(len(encoded), -1)):
+        if row.size != 1:
+            raise ImageError(f"input {IMAGE_INPUT!r}: {row.size} elements in row {i}, one encoded image per row "
+                             "expected", hint="send shape [N, 1]", kind="bad_array")
+        try:
+            prepared.append(classifier.prepare(bytes(row[0])))
+        except ImageError as e:  # load_image names in-memory sources "<bytes>"; here they are rows of the input
+            raise ImageError(e.message.replace("<bytes>", f"image {i}", 1), e.hint, e.kind) from None
+    return np.stack(prepared)
+
+
+def image_results(probs: np.ndarray, labels: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The ``_image`` model's outputs for ``N x classes`` probabilities: label (BYTES), score, probabilities."""
+    best = probs.argmax(axis=1)
+    label = np.empty((len(probs), 1), dtype=np.object_)
+    label[:, 0] = [labels[i].encode("utf-8") for i in best]
+    return {LABEL_OUTPUT: label, SCORE_OUTPUT: probs[np.arange(len(probs)), best].astype(np.float32)[:, None],
+            PROBABILITIES_OUTPUT: probs.astype(np.float32)}

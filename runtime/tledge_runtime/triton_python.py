@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import served_model as sm
-from .errors import ImageError, TledgeError
+from .errors import TledgeError
 
 
 class TritonPythonModel:
@@ -39,41 +39,28 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         clf = self.classifier
-        prepared: list[np.ndarray] = []
+        prepared: list[np.ndarray] = []  # one array per request that decoded
         spans: list[Any] = []  # per request: (start, count) into ``prepared``, or the error to answer with
         for request in requests:
             encoded = pb_utils.get_input_tensor_by_name(request, sm.IMAGE_INPUT).as_numpy()
             try:
-                images = [_prepare(clf, row, i) for i, row in enumerate(encoded.reshape(len(encoded), -1))]
+                images = sm.prepare_images(clf, encoded)
             except TledgeError as e:  # the client's fault: Triton answers 400, not 500
                 spans.append(pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
                 continue
-            spans.append((len(prepared), len(images)))
-            prepared += images
-        probs = clf.infer(np.stack(prepared)) if prepared else np.zeros((0, clf.meta.num_classes))
+            spans.append((sum(len(p) for p in prepared), len(images)))
+            prepared.append(images)
+        probs = clf.infer(np.concatenate(prepared)) if prepared else np.zeros((0, clf.meta.num_classes))
         responses = []
         for span in spans:
             if not isinstance(span, tuple):
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=span))
                 continue
-            rows = probs[span[0]:span[0] + span[1]]
-            best = rows.argmax(axis=1)
-            labels = np.array([[clf.labels[i].encode("utf-8")] for i in best], dtype=np.object_)
-            outputs = [pb_utils.Tensor(sm.LABEL_OUTPUT, labels),
-                       pb_utils.Tensor(sm.SCORE_OUTPUT, rows[np.arange(len(rows)), best].astype(np.float32)[:, None]),
-                       pb_utils.Tensor(sm.PROBABILITIES_OUTPUT, rows.astype(np.float32))]
+            results = sm.image_results(probs[span[0]:span[0] + span[1]], clf.labels)
+            outputs = [pb_utils.Tensor(name, array) for name, array in results.items()]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
 
     def finalize(self) -> None:
         self.classifier.close()
 
-
-def _prepare(clf: Any, row: np.ndarray, i: int) -> np.ndarray:
-    if row.size != 1:
-        raise ImageError(f"input {sm.IMAGE_INPUT!r}: {row.size} elements in row {i}, one encoded image per row expected",
-                         hint="send shape [N, 1]", kind="bad_array")
-    try:
-        return clf.prepare(bytes(row[0]))
-    except ImageError as e:  # load_image names in-memory sources "<bytes>"; here they are rows of the input
-        raise ImageError(e.message.replace("<bytes>", f"image {i}", 1), e.hint, e.kind) from None
