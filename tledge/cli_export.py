@@ -74,6 +74,10 @@ def option(*decls: str, field: str, **kwargs: Any) -> Callable:
         help="fp16 and int8: accuracy drop allowed in any single class, in points [default: not checked].")
 @option("--max-float-nodes", field="max_float_nodes", type=click.IntRange(0, 100_000),
         help="Accuracy-aware int8: most nodes kept in float [default: a quarter of them; 0: off].")
+@option("--reference-images", field="reference_images", type=click.IntRange(0, 64),
+        help="Held-out images embedded in each model for `tledge-runtime check` (0: synthetic inputs only).")
+@click.option("--no-reference-images", "reference_images", flag_value=0,
+              help="Embed no image of your data, only synthetic inputs (still checks the numerics).")
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True, help="Image decoding threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(checkpoint: Path, out: Optional[Path], calib: Optional[Path], calib_size: int, workers: int,

@@ -60,7 +60,7 @@ def export_checkpoint(checkpoint: str | Path, config: ExportConfig = ExportConfi
     log.info("exporting %s (%s, %d classes, %dx%d) to %s", path, ckpt["arch"], len(labels), prep.height, prep.width,
              config.out)
     return export_model(model_from_checkpoint(ckpt), meta, verify_images=verify.images, verify_labels=verify.labels,
-                        calib_images=calib, config=config, progress=progress)
+                        calib_images=calib, config=config, reference_sources=verify.paths, progress=progress)
 
 
 def _held_out(splits: Splits, prep: Any, run: Path, workers: int):

@@ -30,6 +30,7 @@ from tledge_runtime.preprocess import Normalizer
 from . import artifact
 from .config import REPORT_NAME, ExportConfig
 from .errors import ExportError
+from .references import build_reference_set
 from .results import ExportResult, FormatResult
 from .steps import ExportJob, export_fp16, export_fp32, export_int8
 from .verify import Reference
@@ -39,12 +40,15 @@ log = logging.getLogger(__name__)
 
 def export_model(model: Any, meta: ModelMeta, *, verify_images: np.ndarray, verify_labels: np.ndarray,
                  calib_images: Optional[np.ndarray] = None, config: ExportConfig,
+                 reference_sources: Optional[Sequence[Any]] = None,
                  progress: Optional[Callable[..., Any]] = None) -> ExportResult:
     """Export ``model`` (a PyTorch classifier) in every format ``config`` asks for, each verified.
 
     ``verify_images``: held-out uint8 NHWC images at the model's input size, labelled by
     ``verify_labels``; ``calib_images``: uint8 NHWC images for int8 calibration (and the fp16
-    range check). ``progress``: a tqdm-like factory (``tledge.progress.progress``), optional.
+    range check); ``reference_sources``: the image files (or bytes) ``verify_images`` were decoded from,
+    for the reference set each model carries (without them the decoded arrays are embedded).
+    ``progress``: a tqdm-like factory (``tledge.progress.progress``), optional.
     Raises :class:`ExportError` for problems that stop the whole export; over-budget or
     unavailable formats are reported in the result instead (see ``ExportResult.raise_for_failures``).
     """
@@ -58,9 +62,10 @@ def export_model(model: Any, meta: ModelMeta, *, verify_images: np.ndarray, veri
     reference = Reference.from_model(model, verify_images, verify_labels, meta.preprocess, meta.labels,
                                      data=config.verification_data)
     calib_u8 = np.ascontiguousarray(calib_images) if has_calib else None
+    references = build_reference_set(model, meta.preprocess, reference, config.reference_images, reference_sources)
     job = ExportJob(model, meta.with_(provenance=replace(meta.provenance, opset=config.opset)), config, reference,
                     Normalizer(meta.preprocess)(calib_u8) if has_calib else None, calib_u8, out,
-                    datetime.now(timezone.utc).replace(microsecond=0).isoformat(), progress)
+                    datetime.now(timezone.utc).replace(microsecond=0).isoformat(), references, progress)
     results, triton = _run_steps(job)
     result = ExportResult(out, results, out / REPORT_NAME, _summary(job), triton)
     result.write_report()

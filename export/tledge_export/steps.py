@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from tledge_runtime.batching import pad_to
 from tledge_runtime.meta import InputSpec, ModelMeta, OutputSpec, Quantization
+from tledge_runtime.reference_set import ReferenceSet
 from tledge_runtime.verification import Budget, Verification
 
 from . import artifact
@@ -27,6 +28,7 @@ from .bake import bake_preprocess
 from .config import FILE_NAMES, METHODS, ExportConfig
 from .graph_run import latency_ms, session
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from .references import fit, with_tolerance
 from .results import FormatResult
 from .verify import Reference, verify_onnx, verify_session
 
@@ -47,6 +49,7 @@ class ExportJob:
     calib_images: Optional[np.ndarray]  # the same, uint8 NHWC (quantization-aware training)
     out: Path
     measured: str  # when the export ran (ISO 8601 UTC), recorded in every verification
+    references: Optional[ReferenceSet] = None  # embedded in every model, trimmed to each model's size
     progress: Optional[Callable[..., Any]] = None  # tqdm-like factory
 
     def bake(self, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -127,7 +130,11 @@ def write_verified(job: ExportJob, fmt: str, core: onnx.ModelProto, precision: s
     path = job.out / FILE_NAMES[fmt]
     result = FormatResult(fmt, "ok", parity=verification, details=dict(details or {}))
     if verification.passed:
-        artifact.embed_meta(final, format_meta(job, final, precision, verification, quantization))
+        meta = format_meta(job, final, precision, verification, quantization)
+        if job.references is not None:
+            refs = with_tolerance(fit(job.references, final.ByteSize()), final, job.meta.preprocess, precision)
+            meta = meta.with_(reference_set=refs)
+        artifact.embed_meta(final, meta)
         artifact.save_onnx(final, path)
         result.path, result.size_bytes = path, path.stat().st_size
     else:

@@ -10,6 +10,7 @@ probabilities when its output kind says so.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from .errors import BackendError, ImageError, ModelError, TledgeError
 from .image import DEFAULT_LIMITS, ImageInput, ImageLimits
 from .meta import ModelMeta
 from .preprocess import Normalizer, prepare_image
+
+log = logging.getLogger("tledge_runtime")
 
 # Largest batch sent to a dynamic-batch graph in one run: bounds memory for long lists.
 DEFAULT_CHUNK = 32
@@ -50,10 +53,13 @@ class Classifier:
     ``max_pixels`` / ``max_image_bytes``: what one input image may cost, checked before its pixels are
     decoded (defaults: :class:`~tledge_runtime.image.ImageLimits`, ~89.5 MP and 256 MiB; all decodes of the
     process together stay within ``TLEDGE_DECODE_MEMORY_MB``, default 256). Over a limit: ``ImageError``.
+    ``check``: replay the model's embedded reference set on this backend first (decode, resize, normalize,
+    numerics; see :mod:`tledge_runtime.check`) and refuse the model with ``CheckFailed`` if anything differs.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", backend: str | None = None,
-                 threads: int | None = None, *, max_pixels: int | None = None, max_image_bytes: int | None = None):
+                 threads: int | None = None, *, max_pixels: int | None = None, max_image_bytes: int | None = None,
+                 check: bool = False):
         self.limits = ImageLimits(max_pixels=max_pixels or DEFAULT_LIMITS.max_pixels,
                                   max_bytes=max_image_bytes or DEFAULT_LIMITS.max_bytes)
         opened = open_backend(path, device=device, backend=backend, threads=threads)
@@ -69,6 +75,23 @@ class Classifier:
         self._nhwc = self.meta.input.layout == "NHWC"
         b = opened.backend
         self._chunk = b.fixed_batch or min(b.max_batch or DEFAULT_CHUNK, DEFAULT_CHUNK)
+        if check:
+            try:
+                self.self_check().raise_for_failures()
+            except BaseException:
+                self.close()
+                raise
+
+    def self_check(self) -> Any:
+        """:class:`~tledge_runtime.check.CheckReport` of this model's reference set on this Classifier's backend."""
+        from .check import CheckReport, check_numerics, reference_set_of, trace_references
+
+        traces, stages = trace_references(self.meta, self.path.name)
+        refs = reference_set_of(self.meta, self.path.name)
+        report = CheckReport(self.path.name, len(refs.items), refs.images, stages, [check_numerics(self, traces)])
+        log.info("%s: reference check on %s: %s", self.path.name, self.backend_name,
+                 "all stages hold" if report.ok else "; ".join(report.failures()))
+        return report
 
     # ---------------------------------------------------------------- properties
 

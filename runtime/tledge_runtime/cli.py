@@ -87,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_info)
 
+    p = sub.add_parser("check", help="replay the model's embedded reference set on this device: decode, resize, "
+                                     "normalization and numerics against PyTorch; exit 1 if anything differs")
+    p.add_argument("model", type=Path, help=".onnx or .engine file written by tledge export")
+    p.add_argument("--backend", default="auto", choices=("auto", "all") + _backend_names(),
+                   help="backend to check, or all that can run this file here (default: auto)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu", "cuda"), help="for --backend auto")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads per inference")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=_check)
+
     p = sub.add_parser("serve", help="serve the model over HTTP: Open Inference Protocol v2 (as Triton), /predict, "
                                      "/metrics")
     p.add_argument("model", type=Path, help=".onnx or .engine file")
@@ -117,13 +127,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _backend_names() -> tuple[str, ...]:
     from .backends import BACKENDS
 
+    return BACKENDS
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu", "cuda"),
                    help="where to run (default: auto)")
-    p.add_argument("--backend", default=None, choices=BACKENDS, help="force a backend (default: chosen by --device)")
+    p.add_argument("--backend", default=None, choices=_backend_names(),
+                   help="force a backend (default: chosen by --device)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads per inference (default: all cores)")
+    p.add_argument("--check", action="store_true",
+                   help="replay the model's reference set on this backend first; refuse the model if it differs")
 
 
 def _positive_int(text: str) -> int:
@@ -139,7 +156,7 @@ def _positive_int(text: str) -> int:
 def _classifier(args: argparse.Namespace) -> Any:
     from .classifier import Classifier
 
-    return Classifier(args.model, device=args.device, backend=args.backend, threads=args.threads)
+    return Classifier(args.model, device=args.device, backend=args.backend, threads=args.threads, check=args.check)
 
 
 # ------------------------------------------------------------------------- predict
@@ -227,6 +244,22 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {'yes' if b.available else 'no ':<4} {b.name:<13} {printable(b.detail)}")
     print(f"auto picks    {auto or 'nothing usable here'}")
     return exits.OK
+
+
+# ------------------------------------------------------------------------- check
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_model
+
+    backends = ["all"] if args.backend == "all" else [args.backend]
+    report = check_model(args.model, backends, device=args.device, threads=args.threads)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(printable_lines(report.table()))
+    report.raise_for_failures()  # CheckFailed: one error line, exit status 1
+    return 0
 
 
 # ------------------------------------------------------------------------- serve

@@ -53,3 +53,17 @@ def atomic_write(path: PathLike, data: Union[bytes, Callable[[BinaryIO], None]])
         else:
             f.write(data)
     return Path(path)
+
+
+def cache_dir(name: str) -> Path:
+    """``$TLEDGE_CACHE/<name>`` (default ``~/.cache/tledge/<name>``), created if missing: where the runtime keeps
+    what is slow to make and safe to lose (TensorRT EP engines, the measured choice of ``device="auto"``)."""
+    from .errors import BackendError
+
+    path = Path(os.environ.get("TLEDGE_CACHE", Path.home() / ".cache" / "tledge")) / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackendError(f"cannot create the cache folder {path} ({e.strerror or e})",
+                           hint="point TLEDGE_CACHE at a writable folder") from None
+    return path

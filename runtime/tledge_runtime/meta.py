@@ -22,6 +22,8 @@ from .errors import MetadataError
 from .metadata_checks import MAX_LABEL_CHARS, MAX_NAME_CHARS  # noqa: F401 - limits, importable from here too
 from .metadata_checks import (build, check, check_label, check_name, finite_float, is_int, is_number, is_str,
                               json_depth, not_json, short)
+from .nvidia import EngineTarget
+from .reference_set import ReferenceSet
 from .verification import Verification
 
 # 2: typed verification (flips, per-class deltas, McNemar) and the embedded reference set. Version-1 files
@@ -203,6 +205,8 @@ class ModelMeta:
     precision: str = "fp32"
     quantization: Quantization | None = None
     verification: Verification | None = None  # parity with PyTorch measured at export time
+    reference_set: ReferenceSet | None = None  # inputs + fingerprints + PyTorch logits for `tledge-runtime check`
+    engine: EngineTarget | None = None  # TensorRT engine files: the TensorRT, GPU and L4T they were built for
     task: str = "classification"
     schema_version: int = SCHEMA_VERSION
 
@@ -224,6 +228,9 @@ class ModelMeta:
               "metadata field 'quantization' must be an object or null")
         check(self.verification is None or isinstance(self.verification, Verification),
               "metadata field 'verification' must be an object or null")
+        check(self.reference_set is None or isinstance(self.reference_set, ReferenceSet),
+              "metadata field 'reference_set' must be an object or null")
+        check(self.engine is None or isinstance(self.engine, EngineTarget), "metadata field 'engine' must be an object")
 
     @property
     def num_classes(self) -> int:
@@ -241,6 +248,8 @@ class ModelMeta:
             d["quantization"]["float_nodes"] = list(self.quantization.float_nodes)
         if self.verification is not None:
             d["verification"] = self.verification.to_dict()
+        if self.reference_set is not None:
+            d["reference_set"] = self.reference_set.to_dict()
         # Field order in the file: version first so a human reading it sees it.
         return {"schema_version": d.pop("schema_version"), "task": d.pop("task"), **d}
 
@@ -271,6 +280,10 @@ class ModelMeta:
                 body["quantization"] = build(Quantization, body["quantization"], "quantization")
             if body.get("verification") is not None:
                 body["verification"] = Verification.from_dict(body["verification"])
+            if body.get("reference_set") is not None:
+                body["reference_set"] = ReferenceSet.from_dict(body["reference_set"])
+            if body.get("engine") is not None:
+                body["engine"] = build(EngineTarget, body["engine"], "engine")
             return build(cls, body, "model")
         except KeyError as e:
             raise MetadataError(f"model metadata lacks the field {e.args[0]!r}",

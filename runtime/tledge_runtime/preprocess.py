@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -108,20 +108,23 @@ def _resample(picture: Image.Image, stored: Plan, scale: int, p: Preprocess, ori
 
 
 def prepare_views(source: ImageInput, ps: Sequence[Preprocess], *, channel_order: str = "rgb",
-                  limits: ImageLimits = DEFAULT_LIMITS) -> list[np.ndarray]:
+                  limits: ImageLimits = DEFAULT_LIMITS,
+                  inspect: Optional[Callable[[Image.Image], None]] = None) -> list[np.ndarray]:
     """``source`` at several geometries (``HxWx3`` uint8 RGB each), decoding it as few times as possible.
 
     Each view is exactly what :func:`prepare_image` makes for its geometry. A JPEG decoded at a reduced
-    scale for one geometry is decoded again for a geometry that needs another scale.
+    scale for one geometry is decoded again for a geometry that needs another scale. ``inspect`` sees
+    each decoded picture before it is resized (``tledge-runtime check`` fingerprints it).
     """
     opened = open_image(source, channel_order=channel_order, limits=limits)
     try:
-        return _views(opened, ps, limits)
+        return _views(opened, ps, limits, inspect)
     finally:
         opened.close()
 
 
-def _views(opened: Opened, ps: Sequence[Preprocess], limits: ImageLimits) -> list[np.ndarray]:
+def _views(opened: Opened, ps: Sequence[Preprocess], limits: ImageLimits,
+           inspect: Optional[Callable[[Image.Image], None]]) -> list[np.ndarray]:
     for p in ps:
         limits.check_pixels(p.width, p.height, opened.name, "model input")
     stored_size = opened.image.size
@@ -137,6 +140,8 @@ def _views(opened: Opened, ps: Sequence[Preprocess], limits: ImageLimits) -> lis
             _reopen(opened)  # a JPEG needs another draft scale (draft mode can be set once per open)
         request = min((r for r, s in zip(requests, scales) if s == scale), key=lambda r: r[0] * r[1])
         with decoded(opened, draft=request if can_draft else None, limits=limits) as picture:
+            if inspect is not None:
+                inspect(picture)
             drafted = stored_size[0] / picture.size[0] if can_draft else 1
             for j, (s, stored) in enumerate(zip(scales, plans)):
                 if s == scale:

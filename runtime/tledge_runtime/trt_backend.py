@@ -20,38 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend
+from .backend_base import Backend
 from .errors import BackendError, ModelError
 from .meta import ModelMeta
-
-_NO_TRT_HINT = ("on Jetson use the TensorRT that JetPack ships (python3-libnvinfer); elsewhere pip install tensorrt "
-                "cuda-python; or run the .onnx export instead")
-
-
-def import_tensorrt() -> Any:
-    """The TensorRT Python module: ``tensorrt``, or TensorRT for RTX's ``tensorrt_rtx_bindings``."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        try:
-            import tensorrt_rtx_bindings as trt
-        except ImportError:
-            raise BackendError("TensorRT is not installed", hint=_NO_TRT_HINT) from None
-    return trt
-
-
-def import_cudart() -> Any:
-    """The CUDA runtime bindings of cuda-python (new and old module paths)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError:
-            raise BackendError("cuda-python is not installed (TensorRT engines need it for GPU memory)",
-                               hint="pip install cuda-python") from None
-    return cudart
-
+from .nvidia import EngineTarget, engine_mismatch, import_cudart, import_tensorrt
 
 class TensorRTBackend(Backend):
     """A deserialized engine, one execution context, device buffers sized for the largest batch.
@@ -63,7 +35,14 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, plan: bytes, meta: ModelMeta, path: Path):
-        trt = import_tensorrt()
+        found = import_tensorrt()
+        if meta.engine is not None:
+            # Refuse before deserializing: TensorRT's own message for a foreign engine is a log line, not a reason.
+            why = engine_mismatch(meta.engine, EngineTarget.here(found))
+            if why is not None:
+                raise BackendError(f"{path}: {why}", hint="rebuild the engine on this device: `tledge-runtime build "
+                                                         "MODEL.onnx` (or `tledge export --engine`), or run the .onnx")
+        trt = found.module
         self._cudart = cudart = import_cudart()
         err, count = cudart.cudaGetDeviceCount()
         if err != cudart.cudaError_t.cudaSuccess or not count:

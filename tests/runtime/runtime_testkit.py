@@ -128,10 +128,9 @@ def build_engine_plan(onnx_path: Path, *, max_batch: int = 8, size: int = SIZE) 
     TensorRT for RTX builds ahead of time without a GPU when told which GPU to target;
     regular TensorRT needs the GPU it builds for.
     """
-    from tledge_runtime.backends import cuda_device_count
-    from tledge_runtime.trt_backend import import_tensorrt
+    from tledge_runtime.nvidia import cuda_device_count, import_tensorrt
 
-    trt = import_tensorrt()
+    trt = import_tensorrt().module
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10+: explicit batch is the only mode

@@ -176,7 +176,7 @@ def test_backend_not_installed_says_what_to_pip_install(models, tmp_path):
         sys.modules["tensorrt_rtx_bindings"] = None
         from tledge_runtime import Classifier
         from tledge_runtime.errors import BackendError
-        from tledge_runtime.trt_backend import import_tensorrt
+        from tledge_runtime.nvidia import import_tensorrt
         try:
             Classifier({str(models["fp32"])!r}, backend="openvino")
         except BackendError as e:

@@ -1,0 +1,437 @@
+"""Quantization-aware fine-tuning (QAT) for int8, when post-training calibration misses the budget.
+
+Post-training int8 rounds every weight and activation of a model trained in float; most
+images keep their answer, borderline ones flip. QAT fine-tunes a copy of the model for a
+few hundred steps *through* simulated int8 (fake quantization, straight-through gradients)
+so its weights settle where rounding no longer moves the answer, with the fp32 model as
+teacher: the loss is the KL divergence between the two models' softened logits (plus,
+optionally, cross-entropy on the labels), so the int8 model learns to *agree* with fp32,
+which is what tledge's budget measures.
+
+Library: NVIDIA Model Optimizer (``nvidia-modelopt``, extra ``tledge-export[qat]``)
+provides the fake quantizers, their calibration and the straight-through estimator.
+Its int8 is the scheme of tledge's ``tensorrt`` flavour exactly (symmetric s8 activations,
+``amax / 127``; symmetric per-channel weights, ``max|w| / 127``, recomputed every step as
+ONNX Runtime computes them at export). For the ``cpu`` flavour, activations that are never
+negative (ReLU/ReLU6 outputs, most of a CNN) are simulated as unsigned, ``max / 255``: what
+ONNX Runtime's asymmetric u8 gives them; signed ones are simulated symmetric, a grid
+no finer than the asymmetric one they get at export.
+
+The int8 file is written by the same ONNX Runtime QDQ quantizer as post-training int8
+(:mod:`.int8`), from the fine-tuned weights and the same calibration images: the graph
+has the same Q/DQ placement and types (cpu: u8 activations, s8 per-channel weights,
+int32 biases; tensorrt: symmetric s8, float biases; logits in float), so it runs exactly
+as fast as the post-training model and TensorRT's parser takes it as it takes that one.
+
+BatchNorm is folded into the convolutions before anything is quantized (the exported
+graph has no BatchNorm either), which also freezes its statistics during the short
+fine-tune, as QAT recipes do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+from tledge_runtime.meta import Preprocess, Quantization
+
+from .errors import ExportError
+
+log = logging.getLogger(__name__)
+
+LIBRARY = "nvidia-modelopt"
+FOLD_ATOL = 1e-3  # |logit| difference allowed between the model and its BatchNorm-folded copy
+TEACHER_BATCH = 64  # images per teacher / calibration forward pass
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """The knobs of one QAT run; the defaults are what the ELPV measurements settled on."""
+
+    target: str = "cpu"  # int8 flavour: cpu (u8 activations) | tensorrt (symmetric s8), as tledge_export.int8
+    steps: int = 300  # optimizer steps
+    batch_size: int = 32
+    lr: float = 1e-5  # AdamW, cosine-decayed to 0 over the steps; the fp32 model is already trained
+    weight_decay: float = 0.0  # the teacher, not a prior, keeps the weights where they were
+    temperature: float = 2.0  # distillation softmax temperature (>1 also teaches the non-top classes' order)
+    label_weight: float = 0.0  # weight of cross-entropy on the labels next to distillation (0: distillation only)
+    hflip: bool = True  # also train on mirrored images (the teacher's logits are computed for both views)
+    calibration_images: int = 256  # images that set the activation ranges (training and export alike)
+    seed: int = 0
+
+    def validate(self) -> None:
+        from .int8 import TARGETS
+
+        checks = [(self.target in TARGETS, f"unknown int8 target {self.target!r}", f"choose one of {', '.join(TARGETS)}"),
+                  (self.steps >= 1, "QAT needs at least one step", "e.g. steps=300"),
+                  (self.batch_size >= 1, "QAT batch size must be at least 1", "e.g. batch_size=32"),
+                  (0 < self.lr <= 1, f"QAT learning rate {self.lr} is not in (0, 1]", "e.g. lr=1e-5"),
+                  (self.weight_decay >= 0, "weight decay cannot be negative", "e.g. weight_decay=0"),
+                  (self.temperature > 0, "distillation temperature must be positive", "e.g. temperature=2"),
+                  (self.label_weight >= 0, "label weight cannot be negative", "0 distils only"),
+                  (self.calibration_images >= 1, "QAT needs calibration images", "e.g. calibration_images=256")]
+        for ok, message, hint in checks:
+            if not ok:
+                raise ExportError(message, hint=hint)
+
+
+@dataclass(frozen=True)
+class QATResult:
+    """The int8 QDQ model and what describes it (for the metadata and report.json)."""
+
+    model: onnx.ModelProto  # the int8 QDQ graph, input ``input`` NCHW float32, output ``logits``
+    quantization: Quantization  # method "qat"; the rest as post-training int8 records it
+    details: dict[str, Any] = field(default_factory=dict)  # library, steps, distillation, losses, seconds
+
+
+def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: Optional[np.ndarray] = None,
+             calib_images: Optional[np.ndarray] = None, config: QATConfig = QATConfig(),
+             batch: Optional[int] = None, opset: int = 18, progress: Optional[Callable[..., Any]] = None) -> QATResult:
+    """Fine-tune a copy of ``model`` through simulated int8 with ``model`` as teacher; return the int8 QDQ ONNX.
+
+    ``model``: the fp32 PyTorch classifier (left unchanged); ``images``: uint8 NHWC training images at
+    the model's input size (``preprocess.height`` x ``preprocess.width``), normalized here exactly as
+    the runtime does (:func:`tledge_runtime.preprocess.normalize_factors`); ``labels``: their class
+    indices, needed only when ``config.label_weight > 0``. ``calib_images`` (uint8 NHWC) set the
+    activation ranges, in training and in the exported graph: pass the images post-training int8
+    calibrates on; default: ``config.calibration_images`` of ``images`` in a seeded order. ``batch``: the exported graph's fixed batch,
+    None for a dynamic batch axis. ``progress``: a tqdm-like factory, optional.
+    Raises :class:`ExportError` when the library is missing or the inputs do not fit.
+    """
+    import torch
+
+    config.validate()
+    mtq = _modelopt()
+    x_all = _check_images(images, preprocess)
+    if config.label_weight > 0 and (labels is None or len(labels) != len(images)):
+        raise ExportError("QAT with label_weight > 0 needs one label per training image",
+                          hint="pass labels=..., or label_weight=0 to distil only")
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(x_all))
+    normalize = _Normalize(preprocess)
+
+    teacher = copy.deepcopy(model).float().cpu().eval()
+    student = copy.deepcopy(teacher)
+    folded = fold_batchnorm(student, normalize(x_all[order[:8]]))
+    clean = copy.deepcopy(student)  # the float architecture the fine-tuned weights go back into for export
+
+    phases: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name], clock = round(now - clock, 1), now
+
+    views = (False, True) if config.hflip else (False,)
+    with torch.no_grad():  # the teacher's logits, once per image and view
+        targets = {v: _batched(teacher, x_all, normalize, flip=v) for v in views}
+    lap("teacher")
+    calib = x_all[order[:config.calibration_images]] if calib_images is None else _check_images(calib_images, preprocess)
+    quantizers = _quantize(mtq, student, calib, normalize, config.target)
+    lap("calibrate")
+    losses = _train(student, x_all, labels, targets, normalize, config, rng, progress)
+    lap("train")
+    _calibrate(mtq, student, calib, normalize)  # final ranges from the final weights, as the export computes them
+    lap("recalibrate")
+    state = {k: v for k, v in student.state_dict().items() if k in clean.state_dict()}
+    clean.load_state_dict(state, strict=True)
+    qdq, quant = _export(clean.eval(), calib, normalize, preprocess, config.target, batch, opset)
+    lap("export")
+    seconds = time.perf_counter() - started
+    details = {"library": f"{LIBRARY} {_version()}", "steps": config.steps, "batch_size": config.batch_size,
+               "lr": config.lr, "weight_decay": config.weight_decay, "temperature": config.temperature,
+               "label_weight": config.label_weight, "hflip": config.hflip, "images": len(x_all),
+               "calibration_images": len(calib), "folded_batchnorms": folded, "quantizers": quantizers,
+               "distillation": f"KL(teacher || student) at T={config.temperature}"
+                               + (f" + {config.label_weight} x CE(labels)" if config.label_weight > 0 else ""),
+               "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
+               "seconds": round(seconds, 1), "phase_seconds": phases}
+    log.info("QAT: %d steps in %.0f s, loss %.4f -> %.4f", config.steps, seconds, losses[0], details["loss_last"])
+    return QATResult(qdq, replace(quant, method="qat"), details)
+
+
+# --- the steps ------------------------------------------------------------------------------------
+
+class _Normalize:
+    """uint8 NHWC batch -> normalized float NCHW tensor, with the runtime's exact factors."""
+
+    def __init__(self, p: Preprocess):
+        import torch
+        from tledge_runtime.preprocess import normalize_factors
+
+        mul, add = normalize_factors(p)
+        self.mul = torch.from_numpy(mul).view(1, 3, 1, 1)
+        self.add = torch.from_numpy(add).view(1, 3, 1, 1)
+
+    def __call__(self, batch_u8: np.ndarray, flip: bool = False) -> Any:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch_u8)).permute(0, 3, 1, 2).float()
+        x = x * self.mul + self.add
+        return x.flip(3) if flip else x
+
+
+def _check_images(images: np.ndarray, p: Preprocess) -> np.ndarray:
+    x = np.asarray(images)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (p.height, p.width, 3):
+        raise ExportError(f"QAT images are {x.dtype} {x.shape}, expected uint8 (N, {p.height}, {p.width}, 3)",
+                          hint="decode the training images at the model's input size (as for calibration)")
+    if len(x) < 2:
+        raise ExportError(f"QAT needs training images, {len(x)} given", hint="pass the run's training split")
+    return x
+
+
+def _batched(net: Any, x_u8: np.ndarray, normalize: _Normalize, *, flip: bool = False) -> Any:
+    import torch
+
+    return torch.cat([net(normalize(x_u8[i:i + TEACHER_BATCH], flip)) for i in range(0, len(x_u8), TEACHER_BATCH)])
+
+
+def fold_batchnorm(net: Any, sample: Any) -> int:
+    """Fold every BatchNorm that directly follows a convolution into it, in place; returns how many.
+
+    Pairs are found by running ``sample`` once and matching tensors (a BatchNorm whose input *is* a
+    convolution's output), so any architecture works without knowing its module names. A BatchNorm
+    with a built-in activation (timm's ``BatchNormAct2d``) becomes that activation. The folded model
+    must give the same logits as before (within ``FOLD_ATOL``), else :class:`ExportError`.
+    """
+    import torch
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net.eval()
+    with torch.no_grad():
+        before = net(sample)
+    names = {m: n for n, m in net.named_modules()}
+    produced: dict[int, nn.Module] = {}
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+
+    def after_conv(m: nn.Module, _inputs: Any, out: Any) -> None:
+        produced[id(out)] = m
+
+    def before_bn(m: nn.Module, inputs: Any) -> None:
+        conv = produced.get(id(inputs[0]))
+        if conv is not None and all(m is not b for _, b in pairs):
+            pairs.append((conv, m))
+
+    hooks = [m.register_forward_hook(after_conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_pre_hook(before_bn) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            net(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    convs = [c for c, _ in pairs]
+    if len(set(map(id, convs))) != len(convs):
+        raise ExportError("a convolution feeds two BatchNorms; cannot fold", hint="report this architecture")
+    for conv, bn in pairs:
+        fused = fuse_conv_bn_eval(conv, _plain_bn(bn))
+        _set_module(net, names[conv], fused)
+        act = getattr(bn, "act", None)
+        tail = [m for m in (getattr(bn, "drop", None), act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+        _set_module(net, names[bn], nn.Sequential(*tail) if tail else nn.Identity())
+    with torch.no_grad():
+        after = net(sample)
+    diff = float((after - before).abs().max())
+    if diff > FOLD_ATOL * max(1.0, float(before.abs().max())):
+        raise ExportError(f"folding BatchNorm changed the logits by {diff:.2g}",
+                          hint="a BatchNorm's input is used elsewhere too; report this architecture")
+    return len(pairs)
+
+
+def _plain_bn(bn: Any) -> Any:
+    """A plain ``BatchNorm2d`` with ``bn``'s statistics and affine parameters (subclasses may carry extras)."""
+    import torch
+    from torch import nn
+
+    plain = nn.BatchNorm2d(bn.num_features, eps=bn.eps, affine=True).eval()
+    with torch.no_grad():
+        plain.running_mean.copy_(bn.running_mean)
+        plain.running_var.copy_(bn.running_var)
+        plain.weight.copy_(bn.weight if bn.affine else 1.0)
+        plain.bias.copy_(bn.bias if bn.affine else 0.0)
+    return plain
+
+
+def _set_module(root: Any, name: str, module: Any) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _unactivated_convs(net: Any, sample: Any) -> list[str]:
+    """Convolutions whose output is not consumed by an activation module: ONNX Runtime quantizes their
+    output tensor itself (a residual branch before its Add), so QAT must simulate it there too."""
+    import torch
+    from torch import nn
+
+    acts = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish)
+    produced: dict[int, str] = {}
+    activated: set[str] = set()
+    names = {m: n for n, m in net.named_modules()}
+
+    def after_conv(m: Any, _inputs: Any, out: Any) -> None:
+        produced[id(out)] = names[m]
+
+    def before_act(m: Any, inputs: Any) -> None:
+        if id(inputs[0]) in produced:
+            activated.add(produced[id(inputs[0])])
+
+    # A folded BatchNormAct became Sequential(activation): it counts as the activation it holds.
+    watched = [m for m in net.modules() if isinstance(m, acts) or (isinstance(m, nn.Sequential) and len(m)
+                                                                    and isinstance(m[-1], acts))]
+    hooks = [m.register_forward_hook(after_conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_pre_hook(before_act) for m in watched]
+    try:
+        with torch.no_grad():
+            net(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n in produced.values() if n not in activated]
+
+
+def _quantize(mtq: Any, student: Any, calib: np.ndarray, normalize: _Normalize, target: str) -> dict[str, int]:
+    """Insert ModelOpt's fake quantizers where ONNX Runtime puts Q/DQ, calibrate them; counts by kind."""
+    import torch
+
+    outputs = _unactivated_convs(student, normalize(calib[:2]))
+    weight = {"num_bits": 8, "axis": 0, "type": "dynamic"}  # max|w| per output channel, every step, as at export
+    act = {"num_bits": 8, "axis": None}
+    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                         {"quantizer_name": "*weight_quantizer", "cfg": weight},
+                         {"quantizer_name": "*input_quantizer", "cfg": act},
+                         *[{"quantizer_name": f"{name}.output_quantizer", "cfg": act} for name in outputs]],
+           "algorithm": "max"}
+    mins: dict[str, float] = {}
+
+    def loop(net: Any) -> None:
+        with torch.no_grad():
+            for i in range(0, len(calib), TEACHER_BATCH):
+                net(normalize(calib[i:i + TEACHER_BATCH]))
+
+    with _quiet():
+        mtq.quantize(student, cfg, loop)
+    activations = {n: q for n, q in student.named_modules()
+                   if type(q).__name__ == "TensorQuantizer" and q.is_enabled and not n.endswith("weight_quantizer")}
+    if target == "cpu":  # which activations are never negative (-> unsigned, max/255, as ORT's u8 gives them)
+        hooks = [q.register_forward_pre_hook(lambda m, i, n=n: mins.__setitem__(n, min(mins.get(n, 0.0), float(i[0].min()))))
+                 for n, q in activations.items()]
+        try:
+            loop(student)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n, q in activations.items():
+            q.unsigned = mins.get(n, -1.0) >= 0
+    weights = sum(1 for n, q in student.named_modules() if n.endswith("weight_quantizer") and q.is_enabled)
+    return {"weights": weights, "activations": len(activations),
+            "unsigned_activations": sum(1 for q in activations.values() if q.unsigned)}
+
+
+def _calibrate(mtq: Any, student: Any, calib: np.ndarray, normalize: _Normalize) -> None:
+    import torch
+
+    def loop(net: Any) -> None:
+        with torch.no_grad():
+            for i in range(0, len(calib), TEACHER_BATCH):
+                net(normalize(calib[i:i + TEACHER_BATCH]))
+
+    with _quiet():
+        mtq.calibrate(student, algorithm="max", forward_loop=loop)
+
+
+def _train(student: Any, x_u8: np.ndarray, labels: Optional[np.ndarray], targets: dict[bool, Any],
+           normalize: _Normalize, cfg: QATConfig, rng: np.random.Generator,
+           progress: Optional[Callable[..., Any]]) -> list[float]:
+    """Distillation through fake quantization: AdamW, cosine learning rate, seeded batches."""
+    import torch
+    import torch.nn.functional as F
+
+    student.eval()  # folded BatchNorm has no statistics left; dropout off so the student sees what it exports
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
+    t = cfg.temperature
+    losses: list[float] = []
+    bar = progress(total=cfg.steps, desc="qat", unit="step") if progress else None
+    try:
+        for _ in range(cfg.steps):
+            idx = rng.choice(len(x_u8), size=min(cfg.batch_size, len(x_u8)), replace=False)
+            flip = bool(cfg.hflip and rng.random() < 0.5)
+            logits = student(normalize(x_u8[idx], flip))
+            teacher = targets[flip][idx]
+            loss = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                            reduction="batchmean") * t * t
+            if cfg.label_weight > 0 and y is not None:
+                loss = loss + cfg.label_weight * F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return losses
+
+
+def _export(clean: Any, calib: np.ndarray, normalize: _Normalize, p: Preprocess, target: str,
+            batch: Optional[int], opset: int) -> tuple[onnx.ModelProto, Quantization]:
+    """The fine-tuned float model -> fp32 ONNX -> ONNX Runtime QDQ (minmax on the calibration images)."""
+    import torch
+
+    from .int8 import Quantizer
+    from .onnx_export import export_onnx
+
+    with torch.no_grad():
+        num_classes = int(clean(normalize(calib[:1])).shape[1])
+    fp32 = export_onnx(clean, p, num_classes, batch=batch, opset=opset)
+    x_calib = np.concatenate([normalize(calib[i:i + TEACHER_BATCH]).numpy() for i in range(0, len(calib), TEACHER_BATCH)])
+    with Quantizer(fp32, x_calib, target=target, method="minmax", fixed_batch=batch) as q:
+        return q.quantize(), q.metadata()
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """ModelOpt prints ("Inserted 137 quantizers") on stdout, which carries the CLI's table and --json."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        yield
+    if printed.getvalue().strip():
+        log.debug("modelopt: %s", printed.getvalue().strip().replace("\n", " | "))
+
+
+def _modelopt() -> Any:
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as e:
+        raise ExportError(f"QAT needs NVIDIA Model Optimizer, which does not import ({e})",
+                          hint="pip install 'tledge-export[qat]' (nvidia-modelopt)") from None
+    return mtq
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(LIBRARY)
+    except PackageNotFoundError:
+        return "?"
+
