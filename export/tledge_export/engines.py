@@ -18,14 +18,16 @@ from typing import Optional
 import numpy as np
 from tledge_runtime.batching import batches
 from tledge_runtime.engine_file import write_engine
+from tledge_runtime.errors import EngineBuildError
 from tledge_runtime.meta import ModelMeta
+from tledge_runtime.nvidia import EngineTarget, TensorRT, cuda_device_count, find_tensorrt
+from tledge_runtime.trt_build import build_plan, check_onnx
 from tledge_runtime.verification import Budget, Verification
 
 from . import artifact
 from .config import ExportConfig
 from .errors import EngineError
 from .results import FormatResult
-from .tensorrt import TensorRT, build_plan, check_onnx, find_tensorrt, gpu_count
 from .verify import Reference
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def build_engines(written: Sequence[FormatResult], reference: Reference, config:
             continue
         try:
             results.append(build_engine(files[fmt], fmt, reference, config, out, trt))
-        except EngineError as e:
+        except (EngineError, EngineBuildError) as e:
             log.error("%s: %s", name, e.message)
             results.append(FormatResult(name, "failed", message=e.message, hint=e.hint or ""))
     return results
@@ -93,7 +95,9 @@ def build_engine(onnx_path: Path, fmt: str, reference: Reference, config: Export
         return FormatResult(name, "over_budget", parity=verification, message="; ".join(verification.failures),
                             hint=f"the {fmt} ONNX passed but its engine did not: report the TensorRT version and GPU")
     measured = meta.verification.measured if meta.verification is not None else ""
-    write_engine(path, meta.with_(verification=verification.with_(measured=measured)), plan)
+    # The engine records what it was built for; the runtime refuses it elsewhere with both sides named.
+    write_engine(path, meta.with_(verification=verification.with_(measured=measured), engine=EngineTarget.here(trt)),
+                 plan)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return FormatResult(name, "ok", path=path, parity=verification, size_bytes=path.stat().st_size,
                         details={"tensorrt": trt.describe()})
@@ -113,3 +117,13 @@ def _verify(plan: bytes, meta: ModelMeta, path: Path, reference: Reference, budg
     finally:
         backend.close()
     return reference.compare(logits.astype(np.float32), budget, backend=trt.describe())
+
+
+def gpu_count() -> int:
+    """CUDA GPUs visible here (cuda-python when installed, else torch)."""
+    count = cuda_device_count()
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return int(count)

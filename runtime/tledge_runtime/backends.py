@@ -66,6 +66,8 @@ def open_backend(path: str | os.PathLike, *, device: str = "auto", backend: str 
                                 "to run the ONNX file through TensorRT")
     elif backend in ("openvino", "openvino-bf16"):
         opened = _open_openvino(path, device, threads, bf16=backend == "openvino-bf16")
+    elif backend is None and device == "auto" and not _gpu_provider_usable():
+        opened = _open_auto_cpu(path, threads)
     else:
         opened = open_onnxruntime(path, device, backend, threads)
     try:
@@ -106,6 +108,26 @@ def _open_openvino(path: Path, device: str, threads: int | None, *, bf16: bool) 
 
     backend = OpenVinoBackend(path, meta, threads, precision="bf16" if bf16 else "f32")
     return Opened(backend, meta, f"requested: OpenVINO on the CPU, {backend.precision} inference precision")
+
+
+def _gpu_provider_usable() -> bool:
+    """An ONNX Runtime GPU provider is present and a GPU is visible (cheap: no model is loaded)."""
+    providers = set(import_onnxruntime().get_available_providers())
+    has_gpu_ep = bool({_ORT_PROVIDER["ort-cuda"], _ORT_PROVIDER["ort-tensorrt"]} & providers)
+    return has_gpu_ep and cuda_device_count() != 0
+
+
+def _open_auto_cpu(path: Path, threads: int | None) -> Opened:
+    """``device="auto"`` without a usable GPU: the CPU backend measured fastest for this model here (cached)."""
+    from .auto_backend import choose_cpu_backend
+
+    usable = {"ort-cpu"} | ({"openvino"} if importlib.util.find_spec("openvino") else set())
+    name, reason = choose_cpu_backend(path, usable, threads)
+    if name == "openvino":
+        opened = _open_openvino(path, "auto", threads, bf16=False)
+    else:
+        opened = open_onnxruntime(path, "cpu", "ort-cpu", threads)
+    return Opened(opened.backend, opened.meta, reason)
 
 
 def read_meta(path: str | os.PathLike) -> ModelMeta:

@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=_check)
 
+    p = sub.add_parser("build", help="build a TensorRT engine for this device from a tledge ONNX file (same "
+                                     "precision and metadata), written only if its reference check passes")
+    p.add_argument("model", type=Path, help=".onnx file written by tledge export (fp16 or TensorRT-flavour int8)")
+    p.add_argument("--out", type=Path, default=None, help="engine file (default: the model's path with .engine)")
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="largest batch of the engine (default: 32)")
+    p.set_defaults(run=_build)
+
     p = sub.add_parser("serve", help="serve the model over HTTP: Open Inference Protocol v2 (as Triton), /predict, "
                                      "/metrics")
     p.add_argument("model", type=Path, help=".onnx or .engine file")
@@ -259,6 +266,13 @@ def _check(args: argparse.Namespace) -> int:
     else:
         print(printable_lines(report.table()))
     report.raise_for_failures()  # CheckFailed: one error line, exit status 1
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .trt_build import build_engine_file
+
+    print(printable(f"wrote {build_engine_file(args.model, args.out, max_batch=args.max_batch)}"))
     return 0
 
 

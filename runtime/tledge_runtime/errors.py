@@ -45,6 +45,10 @@ class BackendError(TledgeError):
     """The requested inference backend is not installed or cannot run this model here."""
 
 
+class EngineBuildError(BackendError):
+    """TensorRT's parser or builder refused a graph, or TensorRT (for RTX) is missing where a build was asked for."""
+
+
 class CheckFailed(TledgeError):
     """The command ran and what it checked does not hold: an export over budget, a reference-set mismatch.
 

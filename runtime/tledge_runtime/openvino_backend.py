@@ -21,6 +21,7 @@ import numpy as np
 
 from .backend_base import Backend, Shape
 from .errors import BackendError, ModelError, first_line
+from .fileio import cache_dir
 from .meta import ModelMeta
 
 
@@ -36,7 +37,9 @@ class OpenVinoBackend(Backend):
                                hint="use backend 'openvino' (f32)")
         self.name = "openvino" if precision == "f32" else "openvino-bf16"
         self.precision = precision
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        # CACHE_DIR: OpenVINO keeps the compiled model, so the next start loads it instead of compiling.
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision,
+                                  "CACHE_DIR": str(cache_dir("openvino"))}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         try:

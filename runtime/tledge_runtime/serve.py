@@ -19,6 +19,7 @@ flight, body bytes held, the time a request may take from its first header byte 
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -65,6 +66,7 @@ class ServeConfig:
     keep_alive_s: float = 5.0  # idle keep-alive connections are closed after this
     backlog: int = 2048  # connections the kernel queues before accept(): bursts of hundreds connect without resets
     workers: int = min(8, os.cpu_count() or 2)  # threads decoding images / parsing JSON bodies at once
+    http: str = "auto"  # HTTP/1.1 parser: httptools (C, when installed), else h11 (pure Python); or name one
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_queue", "body_memory", "max_batch", "topk", "backlog", "workers"):
@@ -86,6 +88,8 @@ class ServeConfig:
                               hint=_TOKEN_HINT)
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise TledgeError("TLS needs both a certificate and its key", hint="pass --ssl-certfile and --ssl-keyfile")
+        if self.http not in ("auto", "httptools", "h11"):
+            raise TledgeError(f"unknown HTTP parser {self.http!r}", hint="use auto, httptools or h11")
         if self.name is not None and not _valid_name(self.name):
             raise TledgeError(f"model name {self.name!r} is not usable in a URL",
                               hint="use letters, digits, '_' and '-' only")
@@ -140,7 +144,7 @@ class Server:
         self.name = config.name or default_name(classifier.meta, engine=is_engine_file(classifier.path))
         self._sock = _listen(config)
         app, self.state = build_app(classifier, config, self.name)
-        uv_config = uvicorn.Config(app, http=_protocol(config.timeout_s), lifespan="off", log_config=None,
+        uv_config = uvicorn.Config(app, http=_protocol(config.http, config.timeout_s), lifespan="off", log_config=None,
                                    access_log=False, server_header=False, backlog=config.backlog,
                                    timeout_keep_alive=config.keep_alive_s, timeout_graceful_shutdown=config.grace_s,
                                    ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile)
@@ -267,31 +271,33 @@ def _listen(config: ServeConfig) -> socket.socket:
                           hint="pick another --port, or stop the process that holds it") from None
 
 
-def _protocol(timeout_s: float) -> type:
-    """uvicorn's HTTP/1.1 protocol (h11) with a deadline on the headers of each request.
+_BAD_REQUEST = json.dumps({"error": "malformed HTTP request", "hint": "send a well-formed HTTP/1.1 request"}).encode()
+
+
+def _protocol(parser: str, timeout_s: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (httptools, else h11) with a deadline on the headers of each request.
 
     uvicorn times out idle keep-alive connections but not a client that sends its headers a byte
     at a time; here a connection that has not completed a request's headers within ``timeout_s``
     of connecting (or of its previous answer) is closed, so slow senders cannot hold sockets.
     """
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    if parser == "auto":
+        parser = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    if parser == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class DeadlineH11Protocol(H11Protocol):
+    class DeadlineProtocol(Base):
         _deadline: Any = None
 
         def send_400_response(self, msg: str) -> None:
-            # A request h11 cannot parse: answered in JSON like every other error (uvicorn's is plain text).
-            body = json.dumps({"error": "malformed HTTP request", "hint": "send a well-formed HTTP/1.1 request"})
-            try:
-                for event in (h11.Response(status_code=400, reason=b"Bad Request",
-                                           headers=[(b"content-type", b"application/json"),
-                                                    (b"content-length", str(len(body)).encode()),
-                                                    (b"connection", b"close")]),
-                              h11.Data(data=body.encode()), h11.EndOfMessage()):
-                    self.transport.write(self.conn.send(event))
-            except h11.LocalProtocolError:  # a response was under way: nothing more can be said on this connection
-                pass
+            # A request the parser cannot read: answered in JSON like every other error (uvicorn's is plain text),
+            # unless an answer is already under way on this connection; then it can only be closed.
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_BAD_REQUEST)
+                                     + _BAD_REQUEST)
             self.transport.close()
 
         def connection_made(self, transport: Any) -> None:
@@ -316,7 +322,7 @@ def _protocol(timeout_s: float) -> type:
             if self.cycle is cycle and not self.transport.is_closing():
                 self.transport.close()
 
-    return DeadlineH11Protocol
+    return DeadlineProtocol
 
 
 def _valid_name(name: str) -> bool:

@@ -146,7 +146,7 @@ def test_int8_runs_in_onnxruntime_and_agrees_with_fp32(qat, trained):
 @pytest.mark.tensorrt
 def test_tensorrt_flavour_passes_the_rtx_parser_and_builder(qat):
     pytest.importorskip("tensorrt_rtx_bindings")
-    from tledge_export.tensorrt import check_onnx
+    from tledge_runtime.trt_build import check_onnx
 
     target, result = qat
     if target != "tensorrt":

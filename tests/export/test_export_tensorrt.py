@@ -7,8 +7,9 @@ import json
 
 import onnx
 import pytest
-from tledge_export.errors import EngineError
-from tledge_export.tensorrt import check_onnx, find_tensorrt
+from tledge_runtime.errors import EngineBuildError
+from tledge_runtime.nvidia import find_tensorrt
+from tledge_runtime.trt_build import check_onnx
 
 
 def _shape(model: onnx.ModelProto) -> tuple[int, ...]:
@@ -32,7 +33,7 @@ def test_cpu_int8_flavour_is_what_the_parser_rejects(exported):
     """The int32-bias QDQ graph that the TensorRT flavour avoids: NVIDIA's parser refuses it."""
     pytest.importorskip("tensorrt_rtx_bindings")
     model = onnx.load(str(exported.out / "model.int8.onnx"))
-    with pytest.raises(EngineError, match="(?i)int32"):
+    with pytest.raises(EngineBuildError, match="(?i)int32"):
         check_onnx(model.SerializeToString(), input_name="input", sample_shape=_shape(model))
 
 

@@ -128,5 +128,5 @@ def test_serve_example_is_secure_and_the_serve_extra_is_installed():
             assert "-e TLEDGE_TOKEN" in line or "--token" in line or "--insecure" in line, line
     serve_extra = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["serve"]
     installed = {_norm(re.match(r"[A-Za-z0-9._-]+", t).group(0)) for args in _pip_installs() for t in args
-                 if re.match(r"[A-Za-z0-9]", t) and not t.startswith("http")}
+                 if re.match(r"[A-Za-z0-9]", t) and "://" not in t}
     assert {_norm(re.match(r"[A-Za-z0-9._-]+", r).group(0)) for r in serve_extra} <= installed

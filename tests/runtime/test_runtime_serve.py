@@ -18,9 +18,10 @@ from tledge_runtime.errors import TledgeError
 from tledge_runtime.serve import ServeConfig, Server
 
 
-@pytest.fixture(scope="module")
-def server(classifier):
-    with running(classifier) as srv:
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(classifier, request):
+    """The server with each HTTP parser uvicorn offers (httptools when installed, h11 otherwise)."""
+    with running(classifier, http=request.param) as srv:
         yield srv
 
 
@@ -169,7 +170,7 @@ def test_concurrent_clients_with_bad_requests_mixed_in(server, images):
 
 def test_config_validation_and_busy_port(classifier):
     for bad in ({"max_bytes": 0}, {"max_queue": -1}, {"topk": 1.5}, {"port": 70000}, {"timeout_s": 0},
-                {"body_memory": 10, "max_bytes": 20}, {"ssl_certfile": "c.pem"}, {"name": "a/b"}):
+                {"body_memory": 10, "max_bytes": 20}, {"ssl_certfile": "c.pem"}, {"name": "a/b"}, {"http": "h2"}):
         with pytest.raises(TledgeError):
             ServeConfig(**bad)
     with running(classifier) as srv:

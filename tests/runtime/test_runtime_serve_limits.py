@@ -77,8 +77,9 @@ def test_a_slow_sender_is_cut_off_while_others_are_served(classifier, images):
     assert 0.9 < took < 4
 
 
-def test_a_client_dribbling_its_headers_is_disconnected(classifier):
-    with running(classifier, timeout_s=1.0) as srv, socket.create_connection(address(srv), timeout=10) as s:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_client_dribbling_its_headers_is_disconnected(classifier, http):
+    with running(classifier, timeout_s=1.0, http=http) as srv, socket.create_connection(address(srv), timeout=10) as s:
         start = time.monotonic()
         for part in (b"POST /predict HTTP/1.1\r\n", b"Host: x\r\n", b"X-Slow: 1\r\n"):
             s.sendall(part)

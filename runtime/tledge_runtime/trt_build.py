@@ -1,4 +1,7 @@
-"""TensorRT engines from the exported ONNX, and the parse/build check TensorRT for RTX allows on a CPU.
+"""Building TensorRT engines from tledge ONNX files, and the parse/build check TensorRT for RTX allows on a CPU.
+
+Here in the runtime because both sides build: ``tledge export --engine`` on the machine that exports,
+``tledge-runtime build`` on the device that runs the engine.
 
 Engines are built from the fp16 ONNX and from the TensorRT-flavour int8 QDQ ONNX as
 *strongly typed* networks: every tensor keeps the type the ONNX graph gives it, which is
@@ -18,61 +21,17 @@ engine is written only after it ran on a GPU and passed verification.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from tledge_runtime.fileio import atomic_write
-
-from .errors import EngineError
+from .errors import EngineBuildError
+from .fileio import atomic_write
+from .nvidia import TensorRT
 
 log = logging.getLogger(__name__)
 
 OPT_BATCH = 8  # the batch TensorRT tunes kernels for: a camera gateway or a dynamic batcher's typical load
 CHECK_COMPUTE_CAPABILITY = "SM86"  # target of the CPU-only build check (any supported one proves the graph builds)
-
-
-@dataclass(frozen=True)
-class TensorRT:
-    """An importable TensorRT: the module and which flavour it is."""
-
-    module: Any
-    flavour: str  # "tensorrt" | "tensorrt-rtx"
-
-    @property
-    def version(self) -> str:
-        return str(getattr(self.module, "__version__", "?"))
-
-    def describe(self) -> str:
-        return f"{'TensorRT' if self.flavour == 'tensorrt' else 'TensorRT for RTX'} {self.version}"
-
-
-def find_tensorrt() -> Optional[TensorRT]:
-    """The TensorRT installed here, full TensorRT first; None when neither imports."""
-    try:
-        import tensorrt
-
-        return TensorRT(tensorrt, "tensorrt")
-    except ImportError:
-        pass
-    try:
-        import tensorrt_rtx_bindings
-
-        return TensorRT(tensorrt_rtx_bindings, "tensorrt-rtx")
-    except ImportError:
-        return None
-
-
-def gpu_count() -> int:
-    """CUDA GPUs visible here (cuda-python when installed, else torch)."""
-    from tledge_runtime.backends import cuda_device_count
-
-    count = cuda_device_count()
-    if count is None:
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return int(count)
 
 
 def build_plan(onnx_bytes: bytes, trt: TensorRT, *, input_name: str, sample_shape: tuple[int, ...],
@@ -88,7 +47,7 @@ def build_plan(onnx_bytes: bytes, trt: TensorRT, *, input_name: str, sample_shap
     """
     t = trt.module
     if not hasattr(t.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        raise EngineError(f"{trt.describe()} cannot build strongly typed networks",
+        raise EngineBuildError(f"{trt.describe()} cannot build strongly typed networks",
                           hint="install TensorRT 10 or newer (pip install tensorrt, or JetPack 6 on Jetson)")
     logger = _logger(t)
     builder = t.Builder(logger)
@@ -96,7 +55,7 @@ def build_plan(onnx_bytes: bytes, trt: TensorRT, *, input_name: str, sample_shap
     parser = t.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = [_error_text(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineError(f"{trt.describe()}'s ONNX parser rejected the graph: {'; '.join(errors) or 'no reason'}",
+        raise EngineBuildError(f"{trt.describe()}'s ONNX parser rejected the graph: {'; '.join(errors) or 'no reason'}",
                           hint="int8 engines need the TensorRT flavour (--target tensorrt); report other graphs")
     config = builder.create_builder_config()
     if not tf32 and hasattr(t.BuilderFlag, "TF32"):
@@ -108,14 +67,14 @@ def build_plan(onnx_bytes: bytes, trt: TensorRT, *, input_name: str, sample_shap
         config.add_optimization_profile(profile)
     if compute_capability is not None:
         if trt.flavour != "tensorrt-rtx":
-            raise EngineError("building for a named compute capability needs TensorRT for RTX",
+            raise EngineBuildError("building for a named compute capability needs TensorRT for RTX",
                               hint="build full TensorRT engines on the GPU that will run them")
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(t.ComputeCapability, compute_capability), 0)
     cache = _load_timing_cache(config, trt, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineError(f"{trt.describe()} could not build an engine from the graph",
+        raise EngineBuildError(f"{trt.describe()} could not build an engine from the graph",
                           hint="see TensorRT's log above; check free GPU memory and the TensorRT version")
     if cache is not None and timing_cache is not None:
         atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
@@ -166,14 +125,54 @@ def check_onnx(onnx_bytes: bytes, *, input_name: str, sample_shape: tuple[int, .
     """Parse and build ``onnx_bytes`` ahead of time with TensorRT for RTX (no GPU needed).
 
     Returns what ran (e.g. ``"TensorRT for RTX 1.7.1.116: parsed, built for SM86 (7.2 MB plan)"``);
-    raises :class:`EngineError` when the parser or builder refuses the graph or RTX is absent.
+    raises :class:`EngineBuildError` when the parser or builder refuses the graph or RTX is absent.
     """
     try:
         import tensorrt_rtx_bindings
     except ImportError:
-        raise EngineError("TensorRT for RTX is not installed", hint="pip install tensorrt-rtx-cu13-libs "
-                          "tensorrt-rtx-cu13-bindings") from None
+        raise EngineBuildError("TensorRT for RTX is not installed", hint="pip install tensorrt-rtx-cu13-libs "
+                               "tensorrt-rtx-cu13-bindings") from None
     trt = TensorRT(tensorrt_rtx_bindings, "tensorrt-rtx")
     plan = build_plan(onnx_bytes, trt, input_name=input_name, sample_shape=sample_shape, batch=batch,
                       max_batch=max_batch, compute_capability=CHECK_COMPUTE_CAPABILITY)
     return f"{trt.describe()}: parsed, built for {CHECK_COMPUTE_CAPABILITY} ({len(plan) / 1e6:.1f} MB plan)"
+
+
+def build_engine_file(onnx_path: Path, out: Optional[Path] = None, *, max_batch: int = 32) -> Path:
+    """``tledge-runtime build``: an engine for this device from a tledge ONNX file, with the same precision and
+    metadata (plus what it was built for), written only after its reference set passes on this GPU.
+
+    ``out`` defaults to the ONNX path with ``.engine``. A file already there is replaced only if it is a
+    tledge engine. Needs TensorRT and an NVIDIA GPU: an engine is built and checked where it will run.
+    """
+    from .backends import read_meta
+    from .classifier import Classifier
+    from .engine_file import is_engine_file, write_engine
+    from .errors import BackendError
+    from .fileio import cache_dir
+    from .nvidia import EngineTarget, cuda_device_count, import_tensorrt
+
+    onnx_path = Path(onnx_path)
+    out = Path(out) if out is not None else onnx_path.with_suffix(".engine")
+    if out.exists() and not is_engine_file(out):
+        raise BackendError(f"{out}: exists and is not a tledge engine; it is left as it is",
+                           hint="pass another --out")
+    meta = read_meta(onnx_path)
+    trt = import_tensorrt()
+    if not cuda_device_count():
+        raise BackendError(f"no CUDA GPU here to build and check an engine for {onnx_path.name} on",
+                           hint="run `tledge-runtime build` on the device that will run the engine; "
+                                "the .onnx runs on this CPU as it is")
+    p, spec = meta.preprocess, meta.input
+    shape = (p.height, p.width, 3) if spec.layout == "NHWC" else (3, p.height, p.width)
+    plan = build_plan(onnx_path.read_bytes(), trt, input_name=spec.name, sample_shape=shape, batch=spec.batch,
+                      max_batch=max_batch, timing_cache=cache_dir("tensorrt") / "timing.cache",
+                      tf32=meta.precision != "fp32")
+    write_engine(out, meta.with_(engine=EngineTarget.here(trt)), plan)
+    try:
+        Classifier(out, backend="tensorrt", check=True).close()
+    except BaseException:
+        out.unlink(missing_ok=True)  # never leave an unchecked engine behind
+        raise
+    log.info("wrote %s (%.1f MB, %s), reference check passed", out, out.stat().st_size / 1e6, trt.describe())
+    return out
