@@ -62,6 +62,7 @@ def test_a_scaled_weight_fails_the_numerics_and_the_cli_exits_1(exported, tmp_pa
     report = check_model(path, ["ort-cpu"])
     assert all(s.ok for s in report.preprocessing) and not report.backends[0].ok
     assert "outside |Δlogit| <=" in report.backends[0].detail
+    capsys.readouterr()  # what the API calls logged so far
     assert runtime_main(["-q", "check", str(path), "--backend", "ort-cpu"]) == 1
     out, err = capsys.readouterr()
     assert re.search(r"numerics\s+ort-cpu\s+DIFFERS", out)

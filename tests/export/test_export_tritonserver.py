@@ -42,11 +42,12 @@ TWIN = "__on_python"
 def _tritonserver() -> Path | None:
     if os.environ.get("TLEDGE_TRITONSERVER"):
         return Path(os.environ["TLEDGE_TRITONSERVER"])
-    try:
-        import pytriton
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")  # located, not imported: its Python side needs what --no-deps skips
+    if spec is None or not spec.submodule_search_locations:
         return None
-    binary = Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver"
+    binary = Path(next(iter(spec.submodule_search_locations))) / "tritonserver" / "bin" / "tritonserver"
     return binary if binary.is_file() else None
 
 

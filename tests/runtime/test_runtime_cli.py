@@ -93,7 +93,7 @@ def test_info_json_for_onnx_and_engine_files(models, tmp_path, capsys):
     assert info["format"] == "onnx" and info["meta"]["labels"] == list(LABELS)
     assert info["meta"]["precision"] == "fp16"
     names = {b["name"]: b for b in info["backends"]}
-    assert set(names) == {"ort-tensorrt", "ort-cuda", "ort-cpu", "tensorrt", "openvino"}
+    assert set(names) == {"ort-tensorrt", "ort-cuda", "ort-cpu", "tensorrt", "openvino", "openvino-bf16"}
     assert names["ort-cpu"]["available"] is True
     engine = write_engine(tmp_path / "m.engine", make_meta(), b"plan")
     assert main(["-q", "info", str(engine), "--json"]) == 0  # no TensorRT needed to read the header
