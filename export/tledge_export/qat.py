@@ -143,8 +143,6 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     lap("calibrate")
     losses = _train(student, x_all, labels, targets, normalize, config, rng, progress)
     lap("train")
-    _calibrate(mtq, student, calib, normalize)  # final ranges from the final weights, as the export computes them
-    lap("recalibrate")
     state = {k: v for k, v in student.state_dict().items() if k in clean.state_dict()}
     clean.load_state_dict(state, strict=True)
     qdq, quant = _export(clean.eval(), calib, normalize, preprocess, config.target, batch, opset)
@@ -304,7 +302,8 @@ def _unactivated_convs(net: Any, sample: Any) -> list[str]:
 
 
 def _quantize(mtq: Any, student: Any, calib: np.ndarray, normalize: _Normalize, target: str) -> dict[str, int]:
-    """Insert ModelOpt's fake quantizers where ONNX Runtime puts Q/DQ, calibrate them; counts by kind."""
+    """Insert ModelOpt's fake quantizers where ONNX Runtime puts Q/DQ and calibrate them (one pass over
+    ``calib``); returns their counts by kind."""
     import torch
 
     outputs = _unactivated_convs(student, normalize(calib[:2]))
@@ -315,42 +314,35 @@ def _quantize(mtq: Any, student: Any, calib: np.ndarray, normalize: _Normalize, 
                          {"quantizer_name": "*input_quantizer", "cfg": act},
                          *[{"quantizer_name": f"{name}.output_quantizer", "cfg": act} for name in outputs]],
            "algorithm": "max"}
-    mins: dict[str, float] = {}
+    with _quiet():
+        mtq.quantize(student, cfg, forward_loop=None)  # quantizers in place; calibrated below
+    activations = {n: q for n, q in student.named_modules()
+                   if type(q).__name__ == "TensorQuantizer" and q.is_enabled and not n.endswith("weight_quantizer")}
+    lowest = dict.fromkeys(activations, 0.0)
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_m: Any, inputs: Any) -> None:
+            lowest[name] = min(lowest[name], float(inputs[0].min()))
+        return hook
 
     def loop(net: Any) -> None:
         with torch.no_grad():
             for i in range(0, len(calib), TEACHER_BATCH):
                 net(normalize(calib[i:i + TEACHER_BATCH]))
 
-    with _quiet():
-        mtq.quantize(student, cfg, loop)
-    activations = {n: q for n, q in student.named_modules()
-                   if type(q).__name__ == "TensorQuantizer" and q.is_enabled and not n.endswith("weight_quantizer")}
-    if target == "cpu":  # which activations are never negative (-> unsigned, max/255, as ORT's u8 gives them)
-        hooks = [q.register_forward_pre_hook(lambda m, i, n=n: mins.__setitem__(n, min(mins.get(n, 0.0), float(i[0].min()))))
-                 for n, q in activations.items()]
-        try:
-            loop(student)
-        finally:
-            for h in hooks:
-                h.remove()
+    hooks = [q.register_forward_pre_hook(record(n)) for n, q in activations.items()]
+    try:
+        with _quiet():
+            mtq.calibrate(student, algorithm="max", forward_loop=loop)
+    finally:
+        for h in hooks:
+            h.remove()
+    if target == "cpu":  # never-negative activations: unsigned, max/255, the grid ORT's asymmetric u8 gives them
         for n, q in activations.items():
-            q.unsigned = mins.get(n, -1.0) >= 0
+            q.unsigned = lowest[n] >= 0
     weights = sum(1 for n, q in student.named_modules() if n.endswith("weight_quantizer") and q.is_enabled)
     return {"weights": weights, "activations": len(activations),
             "unsigned_activations": sum(1 for q in activations.values() if q.unsigned)}
-
-
-def _calibrate(mtq: Any, student: Any, calib: np.ndarray, normalize: _Normalize) -> None:
-    import torch
-
-    def loop(net: Any) -> None:
-        with torch.no_grad():
-            for i in range(0, len(calib), TEACHER_BATCH):
-                net(normalize(calib[i:i + TEACHER_BATCH]))
-
-    with _quiet():
-        mtq.calibrate(student, algorithm="max", forward_loop=loop)
 
 
 def _train(student: Any, x_u8: np.ndarray, labels: Optional[np.ndarray], targets: dict[bool, Any],
