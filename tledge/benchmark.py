@@ -54,7 +54,8 @@ class Row:
     p50_ms: Optional[float] = None
     p99_ms: Optional[float] = None
     throughput: Optional[float] = None  # images/s at the large batch
-    status: str = "ok"  # ok | over budget | failed | missing
+    check: str = "-"  # the model's reference check on this backend: ok | differs (stage) | - (no reference set)
+    status: str = "ok"  # ok | over budget | failed | missing | check failed
     reason: str = ""
 
     def fastest_key(self) -> float:
@@ -259,6 +260,7 @@ def _runtime_row(path, meta, backend, images, y, prep, batch, warmup, iters, thr
     try:
         with Classifier(path, backend=None if backend == "auto" else backend, threads=threads) as clf:
             row.backend = clf.backend_name
+            _check_row(row, clf)
             pred = _predict_all(clf.infer, images, batch)
             row.accuracy = _acc(pred, y)
             _time(row, clf.infer, images, batch, warmup, iters)
@@ -266,6 +268,17 @@ def _runtime_row(path, meta, backend, images, y, prep, batch, warmup, iters, thr
     except TledgeError as e:
         row.status, row.reason = "failed", first_line(e)
         return row, None
+
+
+def _check_row(row: Row, clf: Any) -> None:
+    """Replay the model's own reference set on this row's backend: a row is verified, not assumed."""
+    if clf.meta.reference_set is None:
+        return
+    report = clf.self_check()
+    failed = [s.name for s in report.preprocessing if not s.ok] + ["numerics" for b in report.backends if not b.ok]
+    row.check = "ok" if report.ok else "differs: " + ", ".join(failed)
+    if not report.ok:
+        row.status, row.reason = "check failed", "; ".join(report.failures())
 
 
 def _predict_all(run, images: np.ndarray, batch: int) -> np.ndarray:
@@ -298,13 +311,13 @@ def _compare(rows: list[Row], preds: list[Optional[np.ndarray]], reference: Opti
     """Fill in delta and agreement against the reference, and mark rows over their budget."""
     ref_acc = _acc(reference, y) if reference is not None else None
     for row, pred in zip(rows, preds):
-        if row.status != "ok" or row.accuracy is None or ref_acc is None:
+        if row.status not in ("ok", "check failed") or row.accuracy is None or ref_acc is None:
             continue
         if pred is not None:
             row.agreement = 100.0 * float((pred == reference).mean())
         row.delta_points = 100.0 * (row.accuracy - ref_acc)
         budget = budgets.get(row.precision)
-        if budget is not None and row.delta_points < -budget:
+        if row.status == "ok" and budget is not None and row.delta_points < -budget:
             row.status, row.reason = "over budget", f"accuracy {row.delta_points:+.2f} points, budget -{budget:g}"
 
 
@@ -323,13 +336,13 @@ def recommend(rows: Sequence[Row], budgets: dict[str, float]) -> str:
 
 def to_markdown(result: BenchResult) -> str:
     """The table people read: one row per format and backend."""
-    head = ("| model | precision | backend | size MB | accuracy | Δ pts | agreement | p50 ms | p99 ms | "
+    head = ("| model | precision | backend | size MB | accuracy | Δ pts | agreement | check | p50 ms | p99 ms | "
             f"img/s @{result.batch} | status |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in result.rows:
-        cells = [r.name, r.precision, r.backend, _f(r.size_mb, 1), _f(r.accuracy, 2, 100, "%"), _f(r.delta_points, 2, sign=True),
-                 _f(r.agreement, 1, suffix="%"), _f(r.p50_ms, 2), _f(r.p99_ms, 2), _f(r.throughput, 1),
-                 r.status + (f": {r.reason}" if r.reason else "")]
+        cells = [r.name, r.precision, r.backend, _f(r.size_mb, 1), _f(r.accuracy, 2, 100, "%"),
+                 _f(r.delta_points, 2, sign=True), _f(r.agreement, 1, suffix="%"), r.check, _f(r.p50_ms, 2),
+                 _f(r.p99_ms, 2), _f(r.throughput, 1), r.status + (f": {r.reason}" if r.reason else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

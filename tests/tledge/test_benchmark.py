@@ -32,14 +32,18 @@ def exported(tiny_run, tmp_path_factory):
     return run, data
 
 
-def _scramble_head(src, dst):
+def _scramble_head(src, dst, *, keep_reference_set: bool = True):
     """A broken export: the classifier's weight rows rotated, so classes come out permuted."""
+    from tledge_export.artifact import embed_meta, read_meta
+
     model = onnx.load(src)
     for init in model.graph.initializer:
         w = numpy_helper.to_array(init)
         if w.ndim == 2 and 3 in w.shape:
             rolled = np.roll(w, 1, axis=w.shape.index(3))
             init.CopyFrom(numpy_helper.from_array(rolled.astype(w.dtype), init.name))
+    if not keep_reference_set:  # as a model exported before reference sets were: only accuracy can catch it
+        embed_meta(model, read_meta(model).with_(reference_set=None))
     onnx.save(model, dst)
 
 
@@ -69,12 +73,16 @@ def test_over_budget_and_failed_backends_are_rows_not_crashes(exported, tmp_path
     models.mkdir()
     shutil.copy(run / "export" / "model.onnx", models / "model.onnx")
     _scramble_head(run / "export" / "model.onnx", models / "model.scrambled.onnx")
+    _scramble_head(run / "export" / "model.onnx", models / "model.unchecked.onnx", keep_reference_set=False)
     (models / "model.truncated.onnx").write_bytes((run / "export" / "model.onnx").read_bytes()[:2000])
     result = benchmark([run / "best.pt", models], data, backends=("ort-cpu", "ort-cuda"), iters=5, warmup=1)
     rows = {(r.name, r.backend): r for r in result.rows}
-    scrambled = rows[("model.scrambled.onnx", "ort-cpu")]
-    assert scrambled.status == "over budget" and scrambled.delta_points < -50
-    assert "budget" in scrambled.reason
+    scrambled = rows[("model.scrambled.onnx", "ort-cpu")]  # its own reference set catches it
+    assert scrambled.status == "check failed" and scrambled.check == "differs: numerics"
+    assert "numerics on ort-cpu" in scrambled.reason and scrambled.delta_points < -50
+    unchecked = rows[("model.unchecked.onnx", "ort-cpu")]  # no reference set: the accuracy budget catches it
+    assert unchecked.status == "over budget" and unchecked.check == "-" and "budget" in unchecked.reason
+    assert rows[("model.onnx", "ort-cpu")].check == "ok"
     cuda = rows[("model.onnx", "ort-cuda")]  # this machine has no CUDA provider: a failed row
     assert cuda.status == "failed" and "CUDAExecutionProvider" in cuda.reason
     broken = next(r for r in result.rows if r.name == "model.truncated.onnx")
