@@ -411,11 +411,21 @@ def _quiet() -> Any:
 
 
 def _modelopt() -> Any:
+    import warnings
+
+    # Its import warns about optional integrations (transformers, CUDA) that int8 QAT of a CNN does not use.
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
     try:
-        import modelopt.torch.quantization as mtq
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import modelopt.torch.quantization as mtq
     except ImportError as e:
         raise ExportError(f"QAT needs NVIDIA Model Optimizer, which does not import ({e})",
                           hint="pip install 'tledge-export[qat]' (nvidia-modelopt)") from None
+    finally:
+        cpp_log.setLevel(level)
     return mtq
 
 
