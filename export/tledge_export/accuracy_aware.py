@@ -106,21 +106,7 @@ def search(quantize: Callable[[Sequence[str]], onnx.ModelProto],
         return p.passed
 
     try:
-        k, failing = 1, 0
-        while not attempt(k):
-            failing = k
-            if k >= limit:
-                break
-            k = min(2 * k, limit)
-        passing = [c for c, a in tried.items() if a.parity.passed]
-        if passing:
-            low, high = failing + 1, min(passing) - 1
-            while low <= high:  # fewest float nodes that still meet the budget (assuming monotonicity)
-                mid = (low + high) // 2
-                if attempt(mid):
-                    high = mid - 1
-                else:
-                    low = mid + 1
+        _double_then_bisect(attempt, tried, limit)
     finally:
         if bar is not None:
             bar.close()
@@ -131,6 +117,26 @@ def search(quantize: Callable[[Sequence[str]], onnx.ModelProto],
         best = max(tried, key=lambda c: (tried[c].parity.accuracy, -c))
     result.model, result.parity, result.float_nodes = models[best], tried[best].parity, tried[best].float_nodes
     return result
+
+
+def _double_then_bisect(attempt: Callable[[int], bool], tried: dict[int, Attempt], limit: int) -> None:
+    """Try 1, 2, 4, ... float nodes until one passes or ``limit`` is reached; then bisect down to the fewest
+    that pass (assuming more float nodes never hurt)."""
+    k, failing = 1, 0
+    while not attempt(k):
+        failing = k
+        if k >= limit:
+            break
+        k = min(2 * k, limit)
+    passing = [c for c, a in tried.items() if a.parity.passed]
+    if passing:
+        low, high = failing + 1, min(passing) - 1
+        while low <= high:
+            mid = (low + high) // 2
+            if attempt(mid):
+                high = mid - 1
+            else:
+                low = mid + 1
 
 
 def _r(v: Optional[float]) -> Optional[float]:

@@ -24,10 +24,12 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .backend_base import Opened
+from .batching import pad_to
 from .errors import TledgeError
 from .fileio import atomic_write, cache_dir
 
@@ -43,8 +45,13 @@ def measuring_enabled() -> bool:
     return os.environ.get("TLEDGE_AUTO_MEASURE", "1") != "0"
 
 
-def choose_cpu_backend(path: Path, usable: set[str], threads: Optional[int]) -> tuple[str, str]:
-    """``(backend, why)`` for an ONNX file on this machine's CPU: cached, or measured now and cached."""
+def choose_cpu_backend(path: Path, usable: set[str], threads: Optional[int],
+                       open_explicit: Callable[[str], Opened]) -> tuple[str, str]:
+    """``(backend, why)`` for an ONNX file on this machine's CPU: cached, or measured now and cached.
+
+    ``open_explicit(name)`` loads the model on one named backend (what :func:`tledge_runtime.backends.open_backend`
+    does with ``backend=name``): passed in, so choosing never imports the module that asks for the choice.
+    """
     candidates = [name for name in CPU_CANDIDATES if name in usable]
     if len(candidates) <= 1 or not measuring_enabled():
         return "ort-cpu", "auto: ort-cpu" + ("" if measuring_enabled() else " (TLEDGE_AUTO_MEASURE=0)")
@@ -54,7 +61,7 @@ def choose_cpu_backend(path: Path, usable: set[str], threads: Optional[int]) -> 
     if key in choices and choices[key].get("backend") in candidates:
         entry = choices[key]
         return entry["backend"], f"auto: cached choice, measured {entry['measured']}: {_times(entry['ms'])}"
-    ms = {name: _measure(path, name, threads) for name in candidates}
+    ms = {name: _measure(path, name, open_explicit) for name in candidates}
     passing = {name: t for name, t in ms.items() if t is not None}
     best = min(passing, key=passing.get) if passing else "ort-cpu"
     measured = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
@@ -68,32 +75,41 @@ def _times(ms: dict[str, Any]) -> str:
     return ", ".join(f"{name} {t:.2f} ms" if t is not None else f"{name} failed its check" for name, t in ms.items())
 
 
-def _measure(path: Path, backend: str, threads: Optional[int]) -> Optional[float]:
+def _measure(path: Path, backend: str, open_explicit: Callable[[str], Opened]) -> Optional[float]:
     """Median batch-1 milliseconds of ``backend`` on this model; None when it cannot load it or fails the check."""
     from .check import check_numerics, trace_references
-    from .classifier import Classifier
 
     try:
-        with Classifier(path, backend=backend, threads=threads) as clf:
-            if clf.meta.reference_set is not None:
-                traces, _ = trace_references(clf.meta, path.name)
-                verdict = check_numerics(clf, traces)
-                if not verdict.ok:
-                    log.warning("%s: auto leaves out %s: %s", path.name, backend, verdict.detail)
-                    return None
-            shape = tuple(1 if d is None else d for d in clf.graph_input_shape)
-            x = np.zeros(shape, dtype=clf._live().input_dtype)
-            for _ in range(WARMUP):
-                clf.run_graph(x)
-            times = []
-            for _ in range(RUNS):
-                t0 = time.perf_counter()
-                clf.run_graph(x)
-                times.append(time.perf_counter() - t0)
-            return round(1000 * statistics.median(times), 3)
+        opened = open_explicit(backend)
     except TledgeError as e:
         log.warning("%s: auto leaves out %s: %s", path.name, backend, e.message)
         return None
+    engine, meta = opened.backend, opened.meta
+
+    def run_graph(x: np.ndarray) -> np.ndarray:
+        return np.asarray(engine.run(pad_to(x, engine.fixed_batch)))[: len(x)]
+
+    try:
+        if meta.reference_set is not None:
+            verdict = check_numerics(meta, backend, run_graph, trace_references(meta, path.name)[0])
+            if not verdict.ok:
+                log.warning("%s: auto leaves out %s: %s", path.name, backend, verdict.detail)
+                return None
+        shape = [1 if d is None else d for d in engine.input_shape]
+        x = np.zeros(shape, dtype=engine.input_dtype)
+        for _ in range(WARMUP):
+            run_graph(x)
+        times = []
+        for _ in range(RUNS):
+            t0 = time.perf_counter()
+            run_graph(x)
+            times.append(time.perf_counter() - t0)
+        return round(1000 * statistics.median(times), 3)
+    except TledgeError as e:
+        log.warning("%s: auto leaves out %s: %s", path.name, backend, e.message)
+        return None
+    finally:
+        engine.close()
 
 
 def _key(path: Path, candidates: list[str], threads: Optional[int]) -> str:

@@ -122,7 +122,8 @@ def _open_auto_cpu(path: Path, threads: int | None) -> Opened:
     from .auto_backend import choose_cpu_backend
 
     usable = {"ort-cpu"} | ({"openvino"} if importlib.util.find_spec("openvino") else set())
-    name, reason = choose_cpu_backend(path, usable, threads)
+    name, reason = choose_cpu_backend(path, usable, threads,
+                                      lambda b: open_backend(path, device="cpu", backend=b, threads=threads))
     if name == "openvino":
         opened = _open_openvino(path, "auto", threads, bf16=False)
     else:

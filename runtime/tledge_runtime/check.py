@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -120,26 +120,27 @@ def trace_references(meta: ModelMeta, where: str) -> tuple[list[Trace], list[Sta
     return traces, stages
 
 
-def check_numerics(clf: Any, traces: Sequence[Trace]) -> BackendCheck:
-    """Run a loaded Classifier on the traced tensors and compare its outputs with the stored PyTorch logits."""
-    meta: ModelMeta = clf.meta
-    refs = reference_set_of(meta, clf.path.name)
+def check_numerics(meta: ModelMeta, backend: str, run_graph: Callable[[np.ndarray], np.ndarray],
+                   traces: Sequence[Trace]) -> BackendCheck:
+    """Run a loaded model (``run_graph``: graph input batch -> outputs, e.g. ``Classifier.run_graph``) on the
+    traced tensors and compare its outputs with the stored PyTorch logits."""
+    refs = reference_set_of(meta, backend)
     t0 = time.perf_counter()
     x = np.concatenate([t.tensor_u8[None] if meta.input.dtype == "uint8" else t.tensor for t in traces])
     if meta.input.layout == "NHWC" and meta.input.dtype != "uint8":
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     try:
-        got = clf.run_graph(x)
+        got = np.asarray(run_graph(x), dtype=np.float64)
     except TledgeError as e:
-        return BackendCheck(clf.backend_name, False, f"could not run: {e.message}")
+        return BackendCheck(backend, False, f"could not run: {e.message}")
     ref = np.array([item.logits for item in refs.items], dtype=np.float64)
     if meta.output.kind == "probabilities":
         e = np.exp(ref - ref.max(axis=1, keepdims=True))
         ref = e / e.sum(axis=1, keepdims=True)
     seconds = time.perf_counter() - t0
     if got.shape != ref.shape:
-        return BackendCheck(clf.backend_name, False, f"outputs {got.shape}, references {ref.shape}", seconds=seconds)
-    return _judge(clf.backend_name, meta, got, ref, seconds)
+        return BackendCheck(backend, False, f"outputs {got.shape}, references {ref.shape}", seconds=seconds)
+    return _judge(backend, meta, got, ref, seconds)
 
 
 def _judge(backend: str, meta: ModelMeta, got: np.ndarray, ref: np.ndarray, seconds: float) -> BackendCheck:
@@ -169,25 +170,3 @@ def _judge(backend: str, meta: ModelMeta, got: np.ndarray, ref: np.ndarray, seco
         problems.append(f"top-1 differs from PyTorch on {int(round((1 - agree) * len(ref)))} of {len(ref)}")
     detail = "; ".join(problems) if problems else f"{rule}: max |Δlogit| {diff.max():.3g}, top-1 {100 * agree:.0f}%"
     return BackendCheck(backend, not problems, detail, agree, float(diff.max()), round(seconds, 4))
-
-
-def check_model(path: str | Path, backends: Sequence[str] = ("auto",), *, device: str = "auto",
-                threads: Optional[int] = None) -> CheckReport:
-    """Replay the reference set of the model at ``path`` on each of ``backends`` (``"all"``: every backend
-    that can run this file here). Never raises for a mismatch: read :attr:`CheckReport.ok`."""
-    from .backends import backends_for, read_meta
-    from .classifier import Classifier
-
-    path = Path(path)
-    meta = read_meta(path)
-    traces, stages = trace_references(meta, path.name)
-    refs = reference_set_of(meta, path.name)
-    report = CheckReport(path.name, len(refs.items), refs.images, stages)
-    names = backends_for(path) if list(backends) == ["all"] else list(backends)
-    for name in names:
-        try:
-            with Classifier(path, device=device, backend=None if name == "auto" else name, threads=threads) as clf:
-                report.backends.append(check_numerics(clf, traces))
-        except TledgeError as e:
-            report.backends.append(BackendCheck(name, False, f"could not load: {e.message}"))
-    return report

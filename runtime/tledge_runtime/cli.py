@@ -74,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_predict(sub)
+    _add_info(sub)
+    _add_check(sub)
+    _add_build(sub)
+    _add_serve(sub)
+    return parser
+
+
+def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify image files")
     p.add_argument("model", type=Path, help=".onnx or .engine file written by tledge export")
     p.add_argument("images", nargs="+", type=Path, help="image files")
@@ -82,11 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=_predict)
 
+
+def _add_info(sub: Any) -> None:
     p = sub.add_parser("info", help="show a model's metadata and the backends usable on this machine")
     p.add_argument("model", type=Path, help=".onnx or .engine file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_info)
 
+
+def _add_check(sub: Any) -> None:
     p = sub.add_parser("check", help="replay the model's embedded reference set on this device: decode, resize, "
                                      "normalization and numerics against PyTorch; exit 1 if anything differs")
     p.add_argument("model", type=Path, help=".onnx or .engine file written by tledge export")
@@ -97,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=_check)
 
+
+def _add_build(sub: Any) -> None:
     p = sub.add_parser("build", help="build a TensorRT engine for this device from a tledge ONNX file (same "
                                      "precision and metadata), written only if its reference check passes")
     p.add_argument("model", type=Path, help=".onnx file written by tledge export (fp16 or TensorRT-flavour int8)")
@@ -104,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=32, help="largest batch of the engine (default: 32)")
     p.set_defaults(run=_build)
 
+
+def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve the model over HTTP: Open Inference Protocol v2 (as Triton), /predict, "
                                      "/metrics")
     p.add_argument("model", type=Path, help=".onnx or .engine file")
@@ -131,7 +148,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes in each answer (default: 5)")
     _add_model_options(p)
     p.set_defaults(run=_serve)
-    return parser
 
 
 def _backend_names() -> tuple[str, ...]:
@@ -257,7 +273,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import check_model
+    from .model_check import check_model
 
     backends = ["all"] if args.backend == "all" else [args.backend]
     report = check_model(args.model, backends, device=args.device, threads=args.threads)

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from tledge_export import ExportConfig
 from tledge_export.artifact import embed_meta, read_meta
 from tledge_export.references import MAX_BYTES, size_of
-from tledge_runtime.check import check_model
+from tledge_runtime.model_check import check_model
 from tledge_runtime.cli import main as runtime_main
 
 FORMATS = ("model.onnx", "model.fp16.onnx", "model.int8.onnx")
