@@ -51,8 +51,9 @@ def option(*decls: str, field: str, **kwargs: Any) -> Callable:
         help="Validation fraction when DATA has no val/ folder.")
 @option("--test-split", field="test_split", type=click.FloatRange(0, 0.9),
         help="Test fraction when DATA is a plain class-folder layout.")
-@click.option("--no-hflip", "hflip", is_flag=True, flag_value=False, default=default("hflip"),
-              help="Never mirror images left-right (digits, text, anything whose orientation is the class).")
+@click.option("--hflip/--no-hflip", "hflip", default=default("hflip"),
+              help="Mirror training images left-right, or never (digits, text, anything whose orientation is the "
+                   "class) [default: auto: the validation split decides, in seconds].")
 @option("--vflip", field="vflip", is_flag=True, help="Also flip vertically (inspection, microscopy, top-down images).")
 @option("--crop-scale", field="crop_scale", type=click.FloatRange(0.05, 1.0),
         help="Random crops keep at least this fraction of the image; 0.8 when defects are small.")

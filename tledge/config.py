@@ -32,9 +32,10 @@ class FinetuneConfig:
     patience: int = 5  # early stopping: fine-tuning epochs without a better val accuracy (0: off)
     val_split: float = 0.1  # fraction carved out for validation when the folder has no val/
     test_split: float = 0.2  # fraction held out for testing when the folder has no train/ layout
-    # Mirror images left-right in training (and add mirrored features to the head warm-up). Turn off
-    # when orientation carries the class: digits, text, arrows, left/right parts.
-    hflip: bool = True
+    # Mirror images left-right in training (and add mirrored features to the head warm-up). None (auto): a
+    # head trained with and one without mirrored images decide on the validation split (seconds). Off when
+    # orientation carries the class: digits, text, arrows, left/right parts.
+    hflip: Optional[bool] = None
     vflip: bool = False  # also flip vertically (top-down, microscopy, inspection images)
     crop_scale: float = 0.35  # random-resized-crop keeps at least this fraction of the image area;
     # raise it (0.8) when the evidence is small and anywhere in the image (defects): a tight crop can miss it

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Callable, Optional
 
@@ -27,6 +28,7 @@ from .transforms import BatchAugment
 log = logging.getLogger(__name__)
 
 ADAPT_BN_IMAGES = 1024  # BatchNorm statistics settle well before this many images
+HFLIP_TRIAL_EPOCHS = 3  # head epochs per trial of --hflip auto
 
 
 def adapt_bn(run: Run) -> None:
@@ -53,9 +55,15 @@ def head_phase(run: Run) -> None:
     """Frozen backbone: features of every training image (and its mirror) once, then the head alone."""
     cfg, net = run.cfg, unwrap(run.model)
     net.backbone.requires_grad_(False)
-    feats, labels = train_features(run)
+    plain, mirrored = train_features(run)
+    labels = torch.from_numpy(run.train.labels)
     val_feats = sharded_infer(run, net.backbone, run.val.images, "val features")
     val_labels = torch.from_numpy(run.val.labels)
+    if run.state.hflip is None:
+        run.state.hflip = cfg.hflip if cfg.hflip is not None else decide_hflip(run, plain, mirrored, labels,
+                                                                               val_feats, val_labels)
+    feats = torch.cat([plain, mirrored]) if run.state.hflip else plain
+    labels = torch.cat([labels, labels]) if run.state.hflip else labels
     opt = make_optimizer(cfg, [{"params": list(net.head.parameters()), "lr": cfg.lr}])
     saved = run.optimizer_state("head")
     if saved is not None:
@@ -67,6 +75,30 @@ def head_phase(run: Run) -> None:
             net.head.eval()
             val_loss, val_acc = evaluate_logits(net.head(val_feats), val_labels)
         end_epoch(run, opt, "head", stats, val_loss, val_acc, lr=cfg.lr)
+
+
+def decide_hflip(run: Run, plain: torch.Tensor, mirrored: torch.Tensor, labels: torch.Tensor,
+                 val_feats: torch.Tensor, val_labels: torch.Tensor) -> bool:
+    """``--hflip auto``: mirror training images only if a head trained with mirrored images does as well on the
+    validation images as one trained without. Digits, text and left/right parts lose to their mirror images;
+    photos of things do not. Two head trainings on cached features: a second or two, no convolution."""
+    cfg, net = run.cfg, unwrap(run.model)
+    scores = {}
+    for mirror in (False, True):
+        head = copy.deepcopy(net.head)
+        gen = torch.Generator().manual_seed(cfg.seed + 17)  # its own stream: the run's RNGs stay untouched
+        feats, y = (torch.cat([plain, mirrored]), torch.cat([labels, labels])) if mirror else (plain, labels)
+        opt = make_optimizer(cfg, [{"params": list(head.parameters()), "lr": cfg.lr}])
+        for _ in range(max(cfg.head_epochs, HFLIP_TRIAL_EPOCHS)):
+            train_head_epoch(head, net.dropout, feats, y, opt, gen, batch_size=cfg.batch_size,
+                             label_smoothing=cfg.label_smoothing)
+        with torch.no_grad():
+            head.eval()
+            scores[mirror] = evaluate_logits(head(val_feats), val_labels)[1]
+    chosen = scores[True] >= scores[False]
+    log.info("hflip auto: %s (validation accuracy of the head %.2f%% with mirrored training images, %.2f%% without)",
+             "on" if chosen else "off", 100 * scores[True], 100 * scores[False])
+    return chosen
 
 
 def finetune_phase(run: Run) -> None:
@@ -81,7 +113,8 @@ def finetune_phase(run: Run) -> None:
         if dist.enabled else net
     steps_per_epoch = -(-(len(run.train) // dist.world) // max(1, cfg.batch_size // dist.world))
     set_lr = _schedule(opt, steps_per_epoch * (cfg.epochs - cfg.head_epochs), round(cfg.warmup_epochs * steps_per_epoch))
-    augment = BatchAugment((run.prep.height, run.prep.width), scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip,
+    hflip = run.state.hflip if run.state.hflip is not None else (cfg.hflip is not False)
+    augment = BatchAugment((run.prep.height, run.prep.width), scale=(cfg.crop_scale, 1.0), hflip=hflip,
                            vflip=cfg.vflip)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and dist.device.type == "cuda"
                                                and not torch.cuda.is_bf16_supported()) else None
@@ -116,14 +149,11 @@ def set_trainable(net: Net, arch: str, unfreeze: Optional[int]) -> int:
 
 
 def train_features(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features of each training image as the device sees it (and of its mirror image, when
-    training mirrors images), with their labels."""
+    """Backbone features of each training image as the device sees it, and of its mirror image."""
     net, eval_view = unwrap(run.model), run.train.views[1]
-    views = [sharded_infer(run, net.backbone, eval_view, "train features")]
-    if run.cfg.hflip:
-        views.append(sharded_infer(run, net.backbone, eval_view, "mirrored features", view=lambda b: b.flip(2)))
-    labels = torch.from_numpy(run.train.labels)
-    return torch.cat(views), torch.cat([labels] * len(views))
+    plain = sharded_infer(run, net.backbone, eval_view, "train features")
+    mirrored = sharded_infer(run, net.backbone, eval_view, "mirrored features", view=lambda b: b.flip(2))
+    return plain, mirrored
 
 
 def sharded_infer(run: Run, module: nn.Module, images: np.ndarray, desc: str,

@@ -57,6 +57,7 @@ class TrainState:
     best_acc: float = -1.0  # best validation accuracy so far (best.pt holds that epoch)
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (history.csv)
+    hflip: Optional[bool] = None  # mirror training images: the config's choice, or what --hflip auto decided
 
     def stopped_early(self, cfg: FinetuneConfig) -> bool:
         """``cfg.patience`` fine-tuning epochs in a row without a better validation accuracy."""
