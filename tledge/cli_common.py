@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import click
 from tledge_runtime import exits
@@ -124,3 +124,13 @@ def share_logging(name: str) -> None:
             target.addHandler(handler)
     target.setLevel(source.level)
     target.propagate = False
+
+
+def config_option(default_of: Callable[[str], Any]) -> Callable[..., Callable]:
+    """``option(*decls, field=..., **kwargs)``: a Click option for one field of a config dataclass, with that
+    field's default (``default_of(field)``): the config is the one source of every default the CLI shows."""
+    def option(*decls: str, field: str, **kwargs: Any) -> Callable:
+        value = default_of(field)
+        return click.option(*decls, field, default=value, show_default=value not in (None, False), **kwargs)
+
+    return option

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import click
 
 from tledge_export.config import EXPORTERS, METHODS, TARGETS, default
 
-from .cli_common import HELP, echo, setup_logging, share_logging
+from .cli_common import HELP, config_option, echo, setup_logging, share_logging
 from .config import CalibrationSource
 
 class _Batch(click.ParamType):
@@ -32,11 +32,7 @@ class _Batch(click.ParamType):
         return n
 
 
-def option(*decls: str, field: str, **kwargs: Any) -> Callable:
-    """A Click option for the ExportConfig field ``field``, with that field's default (tledge_export.config)."""
-    value = default(field)
-    return click.option(*decls, field, default=value, show_default=value is not None and value is not False,
-                        **kwargs)
+option = config_option(default)
 
 
 @click.command(context_settings=HELP)

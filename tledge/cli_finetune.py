@@ -4,12 +4,12 @@ field and shows that field's default (one source: :mod:`tledge.config`); the wor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import click
 
 from .arch_names import ARCH_NAMES
-from .cli_common import HELP, echo, emit_json, setup_logging
+from .cli_common import HELP, config_option, echo, emit_json, setup_logging
 from .config import default
 
 
@@ -19,10 +19,7 @@ def _weights(value: str) -> str:
     raise click.BadParameter(f"{value!r} is neither 'imagenet', 'none' nor an existing file", param_hint="--weights")
 
 
-def option(*decls: str, field: str, **kwargs: Any) -> Callable:
-    """A Click option for the FinetuneConfig field ``field``, with that field's default."""
-    value = default(field)
-    return click.option(*decls, field, default=value, show_default=value is not None, **kwargs)
+option = config_option(default)
 
 
 @click.command(context_settings=HELP)
