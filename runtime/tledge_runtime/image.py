@@ -314,7 +314,7 @@ def to_l_or_rgb(img: Image.Image) -> Image.Image:
     if mode in ("L", "RGB"):
         return img
     if mode in _HIGH_BIT_DEPTH:
-        return Image.fromarray(grey_to_uint8(np.asarray(img)), "L")
+        return grey_to_l(img)
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
         mode = "RGBA"
@@ -326,33 +326,38 @@ def to_l_or_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-_ROW_BLOCK = 1 << 20  # values per block when converting high-bit-depth pictures (4 MiB of float32)
+_ROW_BLOCK = 1 << 20  # values per strip when converting high-bit-depth pictures (4 MiB of float32)
 
 
-def grey_to_uint8(a: np.ndarray) -> np.ndarray:
-    """Map 16-bit, 32-bit or float grey levels to 8 bits by their range, not by clipping.
+def grey_to_l(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey picture as 8-bit grey, by its range, not by clipping.
 
     Float pictures in 0..1 are scaled by 255; anything above 255 is scaled by 1/257 (0..65535 ->
-    0..255 exactly at both ends); the rest is clipped and rounded. Works block by block, so the
-    memory beyond the input is the 8-bit output and one block.
+    0..255 exactly at both ends); the rest is clipped and rounded. Strip by strip: beyond the decoded
+    picture, memory holds the 8-bit result and one strip, never a float64 or full-size copy.
     """
-    is_float = a.dtype.kind == "f"
-    peak = float(np.nanmax(a)) if a.size else 0.0
-    peak = peak if np.isfinite(peak) else float(np.nanmax(np.where(np.isfinite(a), a, 0))) if a.size else 0.0
-    if is_float and peak <= 1.0:
-        factor = 255.0
-    elif peak > 255.0:
-        factor = 1.0 / 257.0
-    else:
-        factor = 1.0
-    out = np.empty(a.shape, dtype=np.uint8)
-    flat_in, flat_out = a.reshape(-1), out.reshape(-1)
-    for start in range(0, flat_in.size, _ROW_BLOCK):
-        block = flat_in[start:start + _ROW_BLOCK].astype(np.float32) * np.float32(factor)
+    w, h = img.size
+    rows = max(1, _ROW_BLOCK // max(w, 1))
+    strips = [(top, min(h, top + rows)) for top in range(0, h, rows)]
+
+    def strip(top: int, bottom: int) -> np.ndarray:
+        return np.asarray(img.crop((0, top, w, bottom)))
+
+    peak = 0.0
+    for top, bottom in strips:
+        a = strip(top, bottom)
+        if a.dtype.kind == "f":
+            a = a[np.isfinite(a)]
+        if a.size:
+            peak = max(peak, float(a.max()))
+    factor = 255.0 if img.mode == "F" and peak <= 1.0 else (1.0 / 257.0 if peak > 255.0 else 1.0)
+    out = np.empty((h, w), dtype=np.uint8)
+    for top, bottom in strips:
+        block = strip(top, bottom).astype(np.float32) * np.float32(factor)
         np.nan_to_num(block, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
         np.clip(block, 0, 255, out=block)
-        flat_out[start:start + _ROW_BLOCK] = np.rint(block)
-    return out
+        out[top:bottom] = np.rint(block)
+    return Image.fromarray(out, "L")
 
 
 def load_image(source: ImageInput, *, channel_order: str = "rgb", limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
