@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 LIBRARY = "nvidia-modelopt"
 FOLD_ATOL = 1e-3  # |logit| difference allowed between the model and its BatchNorm-folded copy
 TEACHER_BATCH = 64  # images per teacher / calibration forward pass
+LOG_EVERY = 10  # steps between progress lines in the log
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,11 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     with torch.no_grad():  # the teacher's logits, once per image and view
         targets = {v: _batched(teacher, x_all, normalize, flip=v) for v in views}
     lap("teacher")
+    log.info("QAT: teacher logits of %d images x %d view(s) in %.0f s", len(x_all), len(views), phases["teacher"])
     calib = x_all[order[:config.calibration_images]] if calib_images is None else _check_images(calib_images, preprocess)
     quantizers = _quantize(mtq, student, calib, normalize, config.target)
     lap("calibrate")
+    log.info("QAT: %s, calibrated on %d images in %.0f s", quantizers, len(calib), phases["calibrate"])
     losses = _train(student, x_all, labels, targets, normalize, config, rng, progress)
     lap("train")
     state = {k: v for k, v in student.state_dict().items() if k in clean.state_dict()}
@@ -375,6 +378,8 @@ def _train(student: Any, x_u8: np.ndarray, labels: Optional[np.ndarray], targets
             opt.step()
             sched.step()
             losses.append(loss.item())
+            if len(losses) % LOG_EVERY == 0:
+                log.info("QAT step %d/%d: loss %.4f", len(losses), cfg.steps, np.mean(losses[-LOG_EVERY:]))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -15,7 +15,7 @@ from tledge_runtime.meta import Preprocess
 from tledge_runtime.preprocess import Normalizer
 from torch import nn
 
-pytest.importorskip("modelopt.torch.quantization")
+pytest.importorskip("modelopt")  # nvidia-modelopt: tledge-export[qat]; its quantization package loads in qat_int8
 from tledge_export.qat import QATConfig, fold_batchnorm, qat_int8
 
 SIZE = 32
@@ -144,13 +144,12 @@ def test_int8_runs_in_onnxruntime_and_agrees_with_fp32(qat, trained):
 
 
 @pytest.mark.tensorrt
+@pytest.mark.parametrize("qat", ["tensorrt"], indirect=True)  # the CPU flavour's int32 biases are for ORT only
 def test_tensorrt_flavour_passes_the_rtx_parser_and_builder(qat):
     pytest.importorskip("tensorrt_rtx_bindings")
     from tledge_runtime.trt_build import check_onnx
 
-    target, result = qat
-    if target != "tensorrt":
-        pytest.skip("the CPU flavour's int32 biases are for ONNX Runtime, not TensorRT")
+    _, result = qat
     assert "parsed, built" in check_onnx(result.model.SerializeToString(), input_name="input",
                                          sample_shape=(3, SIZE, SIZE), max_batch=4)
 
