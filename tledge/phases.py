@@ -82,23 +82,30 @@ def decide_hflip(run: Run, plain: torch.Tensor, mirrored: torch.Tensor, labels: 
     """``--hflip auto``: mirror training images only if a head trained with mirrored images does as well on the
     validation images as one trained without. Digits, text and left/right parts lose to their mirror images;
     photos of things do not. Two head trainings on cached features: a second or two, no convolution."""
-    cfg, net = run.cfg, unwrap(run.model)
     scores = {}
-    for mirror in (False, True):
-        head = copy.deepcopy(net.head)
-        gen = torch.Generator().manual_seed(cfg.seed + 17)  # its own stream: the run's RNGs stay untouched
-        feats, y = (torch.cat([plain, mirrored]), torch.cat([labels, labels])) if mirror else (plain, labels)
-        opt = make_optimizer(cfg, [{"params": list(head.parameters()), "lr": cfg.lr}])
-        for _ in range(max(cfg.head_epochs, HFLIP_TRIAL_EPOCHS)):
-            train_head_epoch(head, net.dropout, feats, y, opt, gen, batch_size=cfg.batch_size,
-                             label_smoothing=cfg.label_smoothing)
-        with torch.no_grad():
-            head.eval()
-            scores[mirror] = evaluate_logits(head(val_feats), val_labels)[1]
+    with torch.random.fork_rng(devices=[]):  # dropout draws from torch's RNG: the run's own draws stay as they were
+        for mirror in (False, True):
+            scores[mirror] = _trial_head(run, plain, mirrored, labels, val_feats, val_labels, mirror)
     chosen = scores[True] >= scores[False]
     log.info("hflip auto: %s (validation accuracy of the head %.2f%% with mirrored training images, %.2f%% without)",
              "on" if chosen else "off", 100 * scores[True], 100 * scores[False])
     return chosen
+
+
+def _trial_head(run: Run, plain: torch.Tensor, mirrored: torch.Tensor, labels: torch.Tensor, val_feats: torch.Tensor,
+                val_labels: torch.Tensor, mirror: bool) -> float:
+    """Validation accuracy of a fresh copy of the head trained on the features, with or without the mirrored ones."""
+    cfg, net = run.cfg, unwrap(run.model)
+    head = copy.deepcopy(net.head)
+    gen = torch.Generator().manual_seed(cfg.seed + 17)  # its own stream: the run's RNGs stay untouched
+    feats, y = (torch.cat([plain, mirrored]), torch.cat([labels, labels])) if mirror else (plain, labels)
+    opt = make_optimizer(cfg, [{"params": list(head.parameters()), "lr": cfg.lr}])
+    for _ in range(max(cfg.head_epochs, HFLIP_TRIAL_EPOCHS)):
+        train_head_epoch(head, net.dropout, feats, y, opt, gen, batch_size=cfg.batch_size,
+                         label_smoothing=cfg.label_smoothing)
+    with torch.no_grad():
+        head.eval()
+        return evaluate_logits(head(val_feats), val_labels)[1]
 
 
 def finetune_phase(run: Run) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tledge_runtime.fileio import atomic_write
-from tledge_runtime.text import printable
+from tledge_runtime.text import printable, printable_lines
 
 from . import __version__
 from .errors import ConfigError
@@ -98,6 +98,13 @@ def log_to_file(path: Path) -> None:
     root = logging.getLogger("tledge")
     if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
         handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(_PrintableFileFormatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(handler)
         root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+class _PrintableFileFormatter(logging.Formatter):
+    """train.log lines name classes and files: their control characters are escaped like on the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable_lines(super().format(record))

@@ -57,7 +57,7 @@ def export_model(model: Any, meta: ModelMeta, *, verify_images: np.ndarray, veri
     if len(verify_images) == 0:
         raise ExportError("no held-out images to verify the export on", hint="the run's val/test images are missing")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out)
     log.info("PyTorch reference logits on %d held-out images", len(verify_images))
     reference = Reference.from_model(model, verify_images, verify_labels, meta.preprocess, meta.labels,
                                      data=config.verification_data)
@@ -70,6 +70,22 @@ def export_model(model: Any, meta: ModelMeta, *, verify_images: np.ndarray, veri
     result = ExportResult(out, results, out / REPORT_NAME, _summary(job), triton)
     result.write_report()
     return result
+
+
+EXPORT_MARKER = ".tledge-export"  # written first into every export folder: tledge writes only into folders it owns
+
+
+def claim_folder(out: Path) -> None:
+    """Make ``out`` an export folder, or refuse (untouched) an existing non-empty folder tledge did not make."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: --out exists and is not a folder", hint="choose another --out")
+    if out.is_dir() and not (out / EXPORT_MARKER).is_file() and not (out / REPORT_NAME).is_file() \
+            and any(out.iterdir()):
+        raise ExportError(f"{out}: folder is not empty and is not a tledge export (no {EXPORT_MARKER}); tledge "
+                          "writes only into folders it created", hint="choose a new or empty --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / EXPORT_MARKER).is_file():
+        artifact.write_file(out / EXPORT_MARKER, b"tledge export\n")
 
 
 def _run_steps(job: ExportJob) -> tuple[list[FormatResult], Optional[Path]]:

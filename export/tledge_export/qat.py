@@ -408,8 +408,11 @@ def _export(clean: Any, calib: np.ndarray, normalize: _Normalize, p: Preprocess,
 @contextlib.contextmanager
 def _quiet() -> Any:
     """ModelOpt prints ("Inserted 137 quantizers") on stdout, which carries the CLI's table and --json."""
+    import warnings
+
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="modelopt")  # optional integrations it cannot find (transformers)
         yield
     if printed.getvalue().strip():
         log.debug("modelopt: %s", printed.getvalue().strip().replace("\n", " | "))

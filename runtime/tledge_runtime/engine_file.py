@@ -29,7 +29,11 @@ _LEN = struct.Struct("<I")
 
 
 def write_engine(path: PathLike, meta: ModelMeta, engine: bytes) -> Path:
-    """Write ``engine`` (serialized TensorRT plan bytes) with ``meta`` in front, atomically."""
+    """Write ``engine`` (serialized TensorRT plan bytes) with ``meta`` in front, atomically. A file already at
+    ``path`` is replaced only if it is a tledge engine: anything else is someone else's."""
+    if (Path(path).exists() or Path(path).is_symlink()) and (Path(path).is_symlink() or not is_engine_file(path)):
+        raise ModelError(f"{path}: exists and is not a tledge engine; it is left as it is",
+                         hint="move that file away, or write the engine elsewhere")
     doc = meta.to_json().encode("utf-8")
     return atomic_write(path, MAGIC + _LEN.pack(len(doc)) + doc + bytes(engine))
 

@@ -181,7 +181,14 @@ def test_a_failed_export_leaves_a_users_same_named_file_alone(tiny_run, tmp_path
         Image.fromarray(np.full((40, 40, 3), 120 + i, dtype=np.uint8)).save(calib / f"g{i}.png")
     out = tmp_path / "out"
     out.mkdir()
-    user = _plain_onnx(out / "model.int8.onnx", producer="my-quantizer")
+    stray = _plain_onnx(out / "model.int8.onnx", producer="my-quantizer")
+    refused = CliRunner().invoke(main, ["export", str(tiny_run.best), "--out", str(out), "--workers", "2"])
+    assert refused.exit_code == 2 and "not a tledge export" in refused.output  # a foreign folder: refused, untouched
+    assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx"]
+    stray.unlink()
+    first = CliRunner().invoke(main, ["export", str(tiny_run.best), "--out", str(out), "--workers", "2"])
+    assert first.exit_code == 0, first.output  # now tledge's export folder
+    user = _plain_onnx(out / "model.int8.onnx", producer="my-quantizer")  # a user's file put into it later
     before = user.read_bytes()
     result = CliRunner().invoke(main, ["export", str(tiny_run.best), "--out", str(out), "--int8", "--calib",
                                        str(calib), "--budget", "0", "--min-agreement", "100",
