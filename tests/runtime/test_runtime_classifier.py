@@ -146,9 +146,13 @@ def test_closed_classifier_refuses_to_predict(models, images):
     clf.close()  # closing twice is harmless
 
 
-def test_threads_option_runs(models, images):
-    with Classifier(models["fp32"], threads=1) as clf:
+def test_threads_option_reaches_the_engine(models, images):
+    with Classifier(models["fp32"], backend="ort-cpu", threads=1) as clf:
+        options = clf._live()._session.get_session_options()
+        assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
         assert clf.predict(images["blue"][0]).label == "blue"
+    with Classifier(models["fp32"], backend="ort-cpu") as clf:  # default: the engine's own choice
+        assert clf._live()._session.get_session_options().intra_op_num_threads == 0
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp16", "baked"])

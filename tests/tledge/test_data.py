@@ -7,7 +7,6 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 from tledge_runtime.meta import Preprocess
@@ -133,14 +132,3 @@ def test_a_class_of_only_bad_files_is_an_error(tmp_path):
     decoded = decode_images(splits.train, Preprocess(height=32, width=32), workers=2)
     with pytest.raises(DataError, match="class\\(es\\) blue have no readable images"):
         require_every_class(decoded, splits.classes, "train")
-
-
-def test_decoded_pixels_equal_the_runtime_preprocessing(tmp_path):
-    from tledge_runtime.preprocess import prepare_image
-
-    data = make_dataset(tmp_path / "d", per_class=3)
-    splits = load_splits(data, val_split=0.0, test_split=0.0)
-    p = Preprocess(height=24, width=24, crop_ratio=0.875, interpolation="bicubic")
-    decoded = decode_images(splits.train, p, workers=2)
-    for img, path in zip(decoded.images, decoded.paths):
-        np.testing.assert_array_equal(img, prepare_image(path, p))

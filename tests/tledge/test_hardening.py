@@ -23,7 +23,7 @@ from PIL import Image
 from tledge.checkpoint import load_checkpoint
 from tledge.cli import main
 
-from ..datasets import COLOURS, make_dataset, write_images
+from ..datasets import COLOURS, make_dataset
 from ..kills import run_and_kill
 
 NON_UTF8 = os.fsdecode(b"caf\xe9-latin1.png")  # a file name that is not valid UTF-8
