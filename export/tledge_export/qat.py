@@ -317,6 +317,7 @@ def _quantize(mtq: Any, student: Any, calib: np.ndarray, normalize: _Normalize, 
                          {"quantizer_name": "*input_quantizer", "cfg": act},
                          *[{"quantizer_name": f"{name}.output_quantizer", "cfg": act} for name in outputs]],
            "algorithm": "max"}
+    _register_subclasses(mtq, student)
     with _quiet():
         mtq.quantize(student, cfg, forward_loop=None)  # quantizers in place; calibrated below
     activations = {n: q for n, q in student.named_modules()
@@ -346,6 +347,19 @@ def _quantize(mtq: Any, student: Any, calib: np.ndarray, normalize: _Normalize, 
     weights = sum(1 for n, q in student.named_modules() if n.endswith("weight_quantizer") and q.is_enabled)
     return {"weights": weights, "activations": len(activations),
             "unsigned_activations": sum(1 for q in activations.values() if q.unsigned)}
+
+
+def _register_subclasses(mtq: Any, net: Any) -> None:
+    """ModelOpt picks a module's fake-quant wrapper by its exact class, so a ``Conv2d`` subclass (timm's
+    ``Conv2dSame``: every stride-2 convolution of EfficientNet-Lite, the stem included) would train in
+    float and be quantized only at export. Register such subclasses with the ``Conv2d`` wrapper."""
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+    from modelopt.torch.quantization.nn.modules.quant_conv import _QuantConv2d
+    from torch import nn
+
+    for cls in {type(m) for m in net.modules() if isinstance(m, nn.Conv2d)}:
+        if cls not in QuantModuleRegistry:
+            mtq.register(original_cls=cls, quantized_cls=_QuantConv2d)
 
 
 def _train(student: Any, x_u8: np.ndarray, labels: Optional[np.ndarray], targets: dict[bool, Any],

@@ -38,10 +38,17 @@ class _Block(nn.Module):
         return x + self.project(self.dw(self.expand(x)))
 
 
+class _PaddedConv(nn.Conv2d):
+    """A Conv2d subclass, as timm's Conv2dSame (EfficientNet-Lite's stride-2 convolutions) is."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+
 class _TinyNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.stem = nn.Sequential(_PaddedConv(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
         self.block = _Block(8)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(0.2)
