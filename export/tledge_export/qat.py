@@ -70,7 +70,7 @@ class QATConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from .int8 import TARGETS
+        from .config import TARGETS
 
         checks = [(self.target in TARGETS, f"unknown int8 target {self.target!r}", f"choose one of {', '.join(TARGETS)}"),
                   (self.steps >= 1, "QAT needs at least one step", "e.g. steps=300"),
