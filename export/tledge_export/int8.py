@@ -111,9 +111,13 @@ class Quantizer:
     def _prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        # Symbolic shape inference is for transformer graphs; ONNX's own covers CNNs.
+        # A file, not the proto: given a proto, quant_pre_process hands ORT every initializer as an "external
+        # initializer", and ORT's shape inference cannot read a ReduceMean's axes from those (the dynamo exporter's
+        # global pooling is a ReduceMean). Symbolic shape inference is for transformer graphs; ONNX's covers CNNs.
+        source = self._prepared.with_name("input.onnx")
+        onnx.save(model, str(source))
         with _quiet():
-            quant_pre_process(model, str(self._prepared), skip_symbolic_shape=True)
+            quant_pre_process(str(source), str(self._prepared), skip_symbolic_shape=True)
         prepared = name_nodes(onnx.load(str(self._prepared)))
         onnx.save(prepared, str(self._prepared))
         return prepared

@@ -107,8 +107,12 @@ def with_tolerance(refs: ReferenceSet, model: Any, preprocess: Preprocess, preci
     from .graph_run import run, session
 
     traced = [trace(item, preprocess) for item in refs.items]
-    baked = model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    x = np.stack([t.tensor_u8 for t in traced]) if baked else np.concatenate([t.tensor for t in traced])
+    elem = model.graph.input[0].type.tensor_type.elem_type
+    if elem == onnx.TensorProto.UINT8:
+        x = np.stack([t.tensor_u8 for t in traced])
+    else:  # float32, or float16 for a model exported with fp16 I/O
+        x = np.concatenate([t.tensor for t in traced]).astype(np.float16 if elem == onnx.TensorProto.FLOAT16
+                                                                 else np.float32)
     logits = run(session(model), x)[0]
     worst = float(np.abs(logits - np.array([item.logits for item in refs.items])).max())
     return replace(refs, tolerance=round(max(2 * worst, MIN_ACCURACY_TOLERANCE), 6))
