@@ -1,6 +1,7 @@
 """Post-training int8 against quantization-aware int8 on a real ELPV run, side by side in one process.
 
-    python benchmarks/qat_elpv.py runs/effl0_224/best.pt [--target cpu] [--steps 300] [--out results/qat_elpv.json]
+    python benchmarks/qat_elpv.py runs/effl0_224/best.pt [--target cpu] [--steps 100] [--train-images 320]
+        [--out benchmarks/results/qat_elpv_cpu.json]
 
 For the run's checkpoint: the fp32 ONNX, the post-training int8 QDQ model (ONNX Runtime,
 minmax, on the same stratified 300 training images `tledge export` calibrates on, no
@@ -30,9 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--target", choices=("cpu", "tensorrt"), default="cpu")
-    ap.add_argument("--steps", type=int, default=300, help="QAT optimizer steps (0: post-training int8 only)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--steps", type=int, default=100, help="QAT optimizer steps (0: post-training int8 only)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--label-weight", type=float, default=0.0)
     ap.add_argument("--train-images", type=int, default=0, help="QAT on this many training images (0: all)")
