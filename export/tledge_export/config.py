@@ -54,7 +54,7 @@ class ExportConfig:
     fp32_atol: float = FP32_ATOL
     fp32_rtol: float = FP32_RTOL
     max_float_nodes: Optional[int] = None  # accuracy-aware int8 limit; None: a quarter of the quantized nodes; 0: off
-    qat: str = "off"  # off | auto (when post-training int8 misses its budget) | on
+    qat: str = "auto"  # off | auto (when post-training int8 misses its budget) | on
     qat_epochs: float = 2.0  # passes over the calibration images during quantization-aware training
     reference_images: int = 8  # held-out images embedded in each model for `tledge-runtime check`; 0: synthetic
     verification_data: str = "held-out images"  # what the verification images are, recorded in the metadata

@@ -32,7 +32,8 @@ from .config import REPORT_NAME, ExportConfig
 from .errors import ExportError
 from .references import build_reference_set
 from .results import ExportResult, FormatResult
-from .steps import ExportJob, export_fp16, export_fp32, export_int8
+from .int8_step import export_int8
+from .steps import ExportJob, export_fp16, export_fp32
 from .verify import Reference
 
 log = logging.getLogger(__name__)

@@ -45,11 +45,11 @@ import onnx
 from tledge_runtime.meta import Preprocess, Quantization
 
 from .errors import ExportError
+from .qat_fold import fold_batchnorm, unactivated_convs
 
 log = logging.getLogger(__name__)
 
 LIBRARY = "nvidia-modelopt"
-FOLD_ATOL = 1e-3  # |logit| difference allowed between the model and its BatchNorm-folded copy
 TEACHER_BATCH = 64  # images per teacher / calibration forward pass
 LOG_EVERY = 10  # steps between progress lines in the log
 
@@ -92,6 +92,7 @@ class QATResult:
     """The int8 QDQ model and what describes it (for the metadata and report.json)."""
 
     model: onnx.ModelProto  # the int8 QDQ graph, input ``input`` NCHW float32, output ``logits``
+    float_model: onnx.ModelProto  # the fine-tuned weights as an fp32 graph (for accuracy-aware int8 on top)
     quantization: Quantization  # method "qat"; the rest as post-training int8 records it
     details: dict[str, Any] = field(default_factory=dict)  # library, steps, distillation, losses, seconds
 
@@ -150,7 +151,7 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     lap("train")
     state = {k: v for k, v in student.state_dict().items() if k in clean.state_dict()}
     clean.load_state_dict(state, strict=True)
-    qdq, quant = _export(clean.eval(), calib, normalize, preprocess, config.target, batch, opset)
+    fp32, qdq, quant = _export(clean.eval(), calib, normalize, preprocess, config.target, batch, opset)
     lap("export")
     seconds = time.perf_counter() - started
     details = {"library": f"{LIBRARY} {_version()}", "steps": config.steps, "batch_size": config.batch_size,
@@ -162,7 +163,7 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
                "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
                "seconds": round(seconds, 1), "phase_seconds": phases}
     log.info("QAT: %d steps in %.0f s, loss %.4f -> %.4f", config.steps, seconds, losses[0], details["loss_last"])
-    return QATResult(qdq, replace(quant, method="qat"), details)
+    return QATResult(qdq, fp32, replace(quant, method="qat"), details)
 
 
 # --- the steps ------------------------------------------------------------------------------------
@@ -202,116 +203,12 @@ def _batched(net: Any, x_u8: np.ndarray, normalize: _Normalize, *, flip: bool = 
     return torch.cat([net(normalize(x_u8[i:i + TEACHER_BATCH], flip)) for i in range(0, len(x_u8), TEACHER_BATCH)])
 
 
-def fold_batchnorm(net: Any, sample: Any) -> int:
-    """Fold every BatchNorm that directly follows a convolution into it, in place; returns how many.
-
-    Pairs are found by running ``sample`` once and matching tensors (a BatchNorm whose input *is* a
-    convolution's output), so any architecture works without knowing its module names. A BatchNorm
-    with a built-in activation (timm's ``BatchNormAct2d``) becomes that activation. The folded model
-    must give the same logits as before (within ``FOLD_ATOL``), else :class:`ExportError`.
-    """
-    import torch
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    net.eval()
-    with torch.no_grad():
-        before = net(sample)
-    names = {m: n for n, m in net.named_modules()}
-    produced: dict[int, nn.Module] = {}
-    pairs: list[tuple[nn.Module, nn.Module]] = []
-
-    def after_conv(m: nn.Module, _inputs: Any, out: Any) -> None:
-        produced[id(out)] = m
-
-    def before_bn(m: nn.Module, inputs: Any) -> None:
-        conv = produced.get(id(inputs[0]))
-        if conv is not None and all(m is not b for _, b in pairs):
-            pairs.append((conv, m))
-
-    hooks = [m.register_forward_hook(after_conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_pre_hook(before_bn) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        with torch.no_grad():
-            net(sample)
-    finally:
-        for h in hooks:
-            h.remove()
-    convs = [c for c, _ in pairs]
-    if len(set(map(id, convs))) != len(convs):
-        raise ExportError("a convolution feeds two BatchNorms; cannot fold", hint="report this architecture")
-    for conv, bn in pairs:
-        fused = fuse_conv_bn_eval(conv, _plain_bn(bn))
-        _set_module(net, names[conv], fused)
-        act = getattr(bn, "act", None)
-        tail = [m for m in (getattr(bn, "drop", None), act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
-        _set_module(net, names[bn], nn.Sequential(*tail) if tail else nn.Identity())
-    with torch.no_grad():
-        after = net(sample)
-    diff = float((after - before).abs().max())
-    if diff > FOLD_ATOL * max(1.0, float(before.abs().max())):
-        raise ExportError(f"folding BatchNorm changed the logits by {diff:.2g}",
-                          hint="a BatchNorm's input is used elsewhere too; report this architecture")
-    return len(pairs)
-
-
-def _plain_bn(bn: Any) -> Any:
-    """A plain ``BatchNorm2d`` with ``bn``'s statistics and affine parameters (subclasses may carry extras)."""
-    import torch
-    from torch import nn
-
-    plain = nn.BatchNorm2d(bn.num_features, eps=bn.eps, affine=True).eval()
-    with torch.no_grad():
-        plain.running_mean.copy_(bn.running_mean)
-        plain.running_var.copy_(bn.running_var)
-        plain.weight.copy_(bn.weight if bn.affine else 1.0)
-        plain.bias.copy_(bn.bias if bn.affine else 0.0)
-    return plain
-
-
-def _set_module(root: Any, name: str, module: Any) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def _unactivated_convs(net: Any, sample: Any) -> list[str]:
-    """Convolutions whose output is not consumed by an activation module: ONNX Runtime quantizes their
-    output tensor itself (a residual branch before its Add), so QAT must simulate it there too."""
-    import torch
-    from torch import nn
-
-    acts = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish)
-    produced: dict[int, str] = {}
-    activated: set[str] = set()
-    names = {m: n for n, m in net.named_modules()}
-
-    def after_conv(m: Any, _inputs: Any, out: Any) -> None:
-        produced[id(out)] = names[m]
-
-    def before_act(m: Any, inputs: Any) -> None:
-        if id(inputs[0]) in produced:
-            activated.add(produced[id(inputs[0])])
-
-    # A folded BatchNormAct became Sequential(activation): it counts as the activation it holds.
-    watched = [m for m in net.modules() if isinstance(m, acts) or (isinstance(m, nn.Sequential) and len(m)
-                                                                    and isinstance(m[-1], acts))]
-    hooks = [m.register_forward_hook(after_conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_pre_hook(before_act) for m in watched]
-    try:
-        with torch.no_grad():
-            net(sample)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [n for n in produced.values() if n not in activated]
-
-
 def _quantize(mtq: Any, student: Any, calib: np.ndarray, normalize: _Normalize, target: str) -> dict[str, int]:
     """Insert ModelOpt's fake quantizers where ONNX Runtime puts Q/DQ and calibrate them (one pass over
     ``calib``); returns their counts by kind."""
     import torch
 
-    outputs = _unactivated_convs(student, normalize(calib[:2]))
+    outputs = unactivated_convs(student, normalize(calib[:2]))
     weight = {"num_bits": 8, "axis": 0, "type": "dynamic"}  # max|w| per output channel, every step, as at export
     act = {"num_bits": 8, "axis": None}
     cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
@@ -406,7 +303,7 @@ def _train(student: Any, x_u8: np.ndarray, labels: Optional[np.ndarray], targets
 
 
 def _export(clean: Any, calib: np.ndarray, normalize: _Normalize, p: Preprocess, target: str,
-            batch: Optional[int], opset: int) -> tuple[onnx.ModelProto, Quantization]:
+            batch: Optional[int], opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto, Quantization]:
     """The fine-tuned float model -> fp32 ONNX -> ONNX Runtime QDQ (minmax on the calibration images)."""
     import torch
 
@@ -418,7 +315,7 @@ def _export(clean: Any, calib: np.ndarray, normalize: _Normalize, p: Preprocess,
     fp32 = export_onnx(clean, p, num_classes, batch=batch, opset=opset)
     x_calib = np.concatenate([normalize(calib[i:i + TEACHER_BATCH]).numpy() for i in range(0, len(calib), TEACHER_BATCH)])
     with Quantizer(fp32, x_calib, target=target, method="minmax", fixed_batch=batch) as q:
-        return q.quantize(), q.metadata()
+        return fp32, q.quantize(), q.metadata()
 
 
 @contextlib.contextmanager

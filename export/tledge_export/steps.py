@@ -18,7 +18,6 @@ from typing import Any, Optional
 
 import numpy as np
 import onnx
-from tledge_runtime.batching import pad_to
 from tledge_runtime.meta import InputSpec, ModelMeta, OutputSpec, Quantization
 from tledge_runtime.reference_set import ReferenceSet
 from tledge_runtime.verification import Budget, Verification
@@ -26,11 +25,10 @@ from tledge_runtime.verification import Budget, Verification
 from . import artifact
 from .bake import bake_preprocess
 from .config import FILE_NAMES, METHODS, ExportConfig
-from .graph_run import latency_ms, session
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from .references import fit, with_tolerance
 from .results import FormatResult
-from .verify import Reference, verify_onnx, verify_session
+from .verify import Reference, verify_onnx
 
 log = logging.getLogger(__name__)
 
@@ -78,44 +76,6 @@ def export_fp16(job: ExportJob, fp32: onnx.ModelProto) -> FormatResult:
 
 def accuracy_budget(cfg: ExportConfig, max_drop_points: float) -> Budget:
     return Budget.accuracy(max_drop_points, cfg.min_agreement, cfg.max_class_drop)
-
-
-def export_int8(job: ExportJob, fp32: onnx.ModelProto) -> FormatResult:
-    """int8 QDQ: post-training calibration, accuracy-aware (sensitive nodes kept in float until the budget
-    holds), then quantization-aware training when that is not enough (``--qat auto``) or asked (``--qat on``)."""
-    from .accuracy_aware import search
-    from .int8 import Quantizer
-    from .sensitivity import rank_nodes
-
-    cfg = job.config
-    budget = accuracy_budget(cfg, cfg.budget)
-    fmt = "int8" if cfg.target == "cpu" else "int8-trt"
-    with Quantizer(fp32, job.calib, target=cfg.target, method=cfg.calib_method, fixed_batch=cfg.batch) as q:
-        found = None
-        if cfg.qat != "on":
-            found = search(q.quantize, lambda m: evaluate_int8(job, m, budget),
-                           lambda m: rank_nodes(m, job.calib, float_model=q.float_model, fixed_batch=cfg.batch),
-                           max_float_nodes=cfg.max_float_nodes, progress=job.progress)
-            quant = q.metadata(found.float_nodes)
-            details = {"quantization": quant_dict(quant), "accuracy_aware": found.to_dict()}
-            if found.parity.passed or cfg.qat == "off":
-                return write_verified(job, fmt, found.model, "int8", budget, quantization=quant,
-                                      verification=found.parity, details=details)
-            log.info("post-training int8 misses its budget (%s); quantization-aware training next",
-                     "; ".join(found.parity.failures))
-        from .qat_step import export_qat
-
-        return export_qat(job, fp32, q, budget, fmt, previous=found)
-
-
-def evaluate_int8(job: ExportJob, model: onnx.ModelProto, budget: Budget) -> tuple[Verification, float]:
-    """Verification and batch-1 CPU latency (ms) of one int8 candidate."""
-    final = job.bake(model)
-    sess = session(final)
-    verification = verify_session(sess, job.reference, budget, fixed_batch=job.config.batch)
-    elem = final.graph.input[0].type.tensor_type.elem_type
-    sample = job.reference.inputs_for(np.dtype(np.uint8) if elem == onnx.TensorProto.UINT8 else np.dtype(np.float32))
-    return verification, latency_ms(sess, pad_to(sample[:1], job.config.batch))
 
 
 def write_verified(job: ExportJob, fmt: str, core: onnx.ModelProto, precision: str, budget: Budget, *,
@@ -169,18 +129,20 @@ def budget_hint(fmt: str, v: Verification, details: dict[str, Any]) -> str:
                 "another --opset, and report the architecture")
     if fmt == "fp16":
         return f"ship the fp32 or int8 model instead, or verify on more held-out images ({few})"
+    aware = details.get("accuracy_aware") or details.get("post_training", {})
+    used = details.get("quantization", {}).get("method")
+    others = " or ".join(m for m in METHODS if m != used)
     if "qat" in details:
-        return ("quantization-aware training did not meet it either: try --qat-epochs 4, a looser --budget / "
+        tried = (f"post-training int8 (up to {aware.get('limit', 0)} node(s) kept in float) and " if aware else "")
+        return (f"{tried}quantization-aware training ({details['qat'].get('steps')} steps) both missed it: try "
+                f"--qat-epochs 4, a larger --calib-size, --calib-method {others}, a looser --budget / "
                 f"--min-agreement, or ship fp16, which keeps accuracy ({few})")
-    aware = details.get("accuracy_aware", {})
     limit = aware.get("limit", 0)
     if limit:
         kept = (f"accuracy-aware int8 tried up to {limit} node(s) in float (its limit) without meeting it, "
                 f"the closest attempt kept {len(aware.get('float_nodes', []))}; ")
     else:
         kept = "accuracy-aware int8 kept no node in float (--max-float-nodes 0, or no node ranked); "
-    used = details.get("quantization", {}).get("method")
-    others = " or ".join(m for m in METHODS if m != used)
     return (kept + f"try --qat on, --calib-method {others}, a larger --calib-size, a larger --max-float-nodes, "
             f"or a looser --budget / --min-agreement; or ship fp16, which keeps accuracy ({few})")
 

@@ -79,13 +79,16 @@ def test_int8_over_budget_exits_1_with_the_numbers(tiny_run, exported, tmp_path)
         shutil.copy(exported.out / name, out / name)
     result = run(str(tiny_run.best), "--out", str(out), "--int8", "--calib", str(calib), "--budget", "0",
                  "--max-float-nodes", "1", "--batch", "4", "--json", "--workers", "2")
+    # post-training int8 (accuracy-aware) missed, so did quantization-aware training (--qat auto): both are said
     error = _one_line_error(result, 1, "int8: accuracy drop", "points > budget 0", "% vs PyTorch",
-                            "tried up to 1 node(s) in float (its limit)", "--calib-method")
+                            "post-training int8 (up to 1 node(s) kept in float) and quantization-aware training",
+                            "--calib-method", "--qat-epochs")
     report = json.loads(result.stdout)  # stdout is the JSON report alone, even when the export fails
     formats = {f["format"]: f for f in report["formats"]}
     assert formats["fp32"]["status"] == "ok" and formats["int8"]["status"] == "over_budget"
     assert not report["ok"] and report["images"]["calibration"] == 6
-    attempts = formats["int8"]["accuracy_aware"]["attempts"]
+    assert formats["int8"]["qat"]["steps"] >= 1 and formats["int8"]["quantization"]["method"] == "qat"
+    attempts = formats["int8"]["post_training"]["attempts"]
     assert [len(a["float_nodes"]) for a in attempts] == [0, 1] and not any(a["passed"] for a in attempts)
     drop = -formats["int8"]["verification"]["accuracy_delta_points"]
     assert drop > 0 and f"{drop:.2f} points" in error

@@ -80,3 +80,28 @@ def test_tensorrt_flavour_symmetric_int8_zero_points_and_float_biases(exported_c
     agreement = (logits.argmax(1) == held_out.logits.argmax(1)).mean()
     assert agreement == pytest.approx(meta.verification.agreement) and meta.verification.passed
     assert np.abs(logits - held_out.logits).max() < 1.0
+
+
+def test_quantization_aware_int8_through_the_cli(tiny_run, tmp_path):
+    """--qat on: fine-tuned through simulated int8 with the fp32 model as teacher, written by the same QDQ
+    quantizer (same flavour, same verification), its recipe in report.json and the method in the metadata."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tledge.cli import main
+
+    pytest.importorskip("modelopt")
+    out = tmp_path / "qat"
+    result = CliRunner().invoke(main, ["export", str(tiny_run.best), "--out", str(out), "--int8", "--qat", "on",
+                                       "--qat-epochs", "1", "--calib-size", "16", "--budget", "100", "--min-agreement", "0",
+                                       "--json", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    int8 = next(f for f in json.loads(result.stdout)["formats"] if f["format"] == "int8")
+    assert int8["qat"]["library"].startswith("nvidia-modelopt") and int8["qat"]["steps"] == 1
+    assert "post_training" not in int8  # asked for: no post-training attempt first
+    meta = read_meta(out / "model.int8.onnx")
+    assert meta.quantization.method == "qat" and meta.quantization.activation_type == "uint8"
+    assert meta.verification.passed and meta.reference_set is not None
+    ops = {n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops

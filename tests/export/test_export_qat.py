@@ -16,7 +16,8 @@ from tledge_runtime.preprocess import Normalizer
 from torch import nn
 
 pytest.importorskip("modelopt")  # nvidia-modelopt: tledge-export[qat]; its quantization package loads in qat_int8
-from tledge_export.qat import QATConfig, fold_batchnorm, qat_int8
+from tledge_export.qat import QATConfig, qat_int8
+from tledge_export.qat_fold import fold_batchnorm
 
 SIZE = 32
 COLOURS = ((200, 40, 40), (40, 190, 60), (40, 60, 200))  # one class per dominant colour
