@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import click
 
-from tledge_export.config import EXPORTERS, METHODS, TARGETS, default
+from tledge_export.config import EXPORTERS, METHODS, QAT_MODES, TARGETS, default
 
 from .cli_common import HELP, config_option, echo, setup_logging, share_logging
 from .config import CalibrationSource
@@ -68,6 +68,11 @@ option = config_option(default)
         help="fp16 and int8: top-1 agreement with PyTorch required, in percent.")
 @option("--max-class-drop", field="max_class_drop", type=click.FloatRange(0, 100),
         help="fp16 and int8: accuracy drop allowed in any single class, in points [default: not checked].")
+@option("--qat", field="qat", type=click.Choice(QAT_MODES),
+        help="int8 quantization-aware training with the fp32 model as teacher: auto (when post-training int8 "
+             "misses the budget), on (always), off (never).")
+@option("--qat-epochs", field="qat_epochs", type=click.FloatRange(0.1, 100),
+        help="Passes of quantization-aware training over the calibration images.")
 @option("--max-float-nodes", field="max_float_nodes", type=click.IntRange(0, 100_000),
         help="Accuracy-aware int8: most nodes kept in float [default: a quarter of them; 0: off].")
 @option("--reference-images", field="reference_images", type=click.IntRange(0, 64),
