@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every measurement in benchmarks/RESULTS.md, one after another (never two at once: they share the CPU).
-#   benchmarks/run_all.sh [OUT_DIR]      (default /tmp/tledge-results; ~2.5 h on 2 cores)
+# Every measurement in benchmarks/RESULTS.md (and the README's demo table), one after another: never two at
+# once, they share the CPU.
+#   benchmarks/run_all.sh [OUT_DIR]      (default /tmp/tledge-results; ~6 h on 2 cores)
 # Each step's output goes to OUT_DIR/<step>.log; RESULTS.md is written by hand from those logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,24 +23,42 @@ lscpu > "$OUT/machine.txt"; pip freeze >> "$OUT/machine.txt"
 # The demo from a fresh clone of this checkout (its own data folder, materialised from the pip package).
 rm -rf "$OUT/clone" && git clone -q . "$OUT/clone"
 step demo bash -c "cd '$OUT/clone' && tledge demo --out runs/demo"
-# ELPV accuracy: ImageNet-pretrained EfficientNet-Lite0 at 224 px, and the demo recipe from scratch.
-RECIPE="--epochs 20 --freeze-epochs 2 --crop-scale 0.8 --vflip --backbone-lr-scale 0.5 --adapt-bn --patience 0"
-step elpv_effl0_224 tledge finetune $DATA --img-size 224 $RECIPE --out "$OUT/runs/effl0_224"
-step elpv_scratch_160 tledge finetune $DATA --img-size 160 --epochs 10 --freeze-epochs 2 --crop-scale 0.8 --vflip \
-  --backbone-lr-scale 0.5 --adapt-bn --patience 0 --weights none --out "$OUT/runs/scratch_160"
-# ResNet-18 from scratch (no ResNet weights offline): export parity and the runtime speed model.
-step r18_train tledge finetune $DATA --arch resnet18 --weights none --img-size 224 --epochs 3 --freeze-epochs 0 \
-  --out "$OUT/runs/r18"
-step r18_export tledge export "$OUT/runs/r18/best.pt" --fp16 --int8
-step effl0_224_export tledge export "$OUT/runs/effl0_224/best.pt" --fp16 --int8 --calib-method percentile
+DEMO="$OUT/clone/runs/demo"
+# One preprocessing path (issue 11): camera-frame speed, end-to-end parity of `tledge evaluate --predictions`.
+step preprocess_speed python benchmarks/preprocess_speed.py --json "$OUT/preprocess_speed.json"
+step predictions_parity python benchmarks/predictions_parity.py "$DEMO/best.pt" "$OUT/clone/data/elpv/test"
+# The on-device check and device="auto" on the demo's export (issue 12).
+step device_check python benchmarks/device_check.py "$DEMO/export" --json "$OUT/device_check.json"
+# Accuracy (issue 13): the default recipe over three ELPV splits, int8 (with QAT when needed) for each;
+# EfficientNet-Lite2 with the demo's defect-friendly options; the default on a second dataset (digits).
+step elpv_default python benchmarks/recipe_elpv.py --seeds 0 1 2 --export --out "$OUT/elpv-default" \
+  --json "$OUT/elpv_default.json"
+step elpv_lite2 python benchmarks/recipe_elpv.py --seeds 0 1 2 --out "$OUT/elpv-lite2" --json "$OUT/elpv_lite2.json" \
+  --extra "--arch efficientnet_lite2 --epochs 12 --freeze-epochs 2 --crop-scale 0.8 --vflip --adapt-bn --patience 0"
+step digits python benchmarks/recipe_digits.py --seed 0 --out "$OUT/digits" --json "$OUT/digits.json"
+# Lite1 and Lite2 rows: accuracy against latency, fp32 and int8 (Lite2: seed 0 of the run above; Lite1 trained here).
+step lite1_train tledge finetune "$OUT/elpv-default/data-0" --arch efficientnet_lite1 --crop-scale 0.8 --vflip \
+  --adapt-bn --out "$OUT/lite1"
+for run in "$OUT/lite1" "$OUT/elpv-lite2/run-0"; do
+  name=$(basename "$(dirname "$run")")-$(basename "$run")
+  step "export_$name" tledge export "$run/best.pt" --int8
+  step "bench_$name" tledge benchmark "$run" --data "$OUT/elpv-default/data-0/test" --backend ort-cpu,openvino \
+    --plot "$OUT/bench_$name.png"
+done
+step qat_elpv python benchmarks/qat_elpv.py "$OUT/elpv-default/run-0/best.pt" --out "$OUT/qat_elpv.json"
 # Speed, side by side.
 step finetune_speed python benchmarks/finetune_speed.py --data $DATA --json "$OUT/finetune_speed.json"
+step r18_train tledge finetune $DATA --arch resnet18 --weights none --img-size 224 --epochs 3 --freeze-epochs 0 \
+  --out "$OUT/runs/r18"
 step runtime_speed python benchmarks/runtime_speed.py --data $DATA --run "$OUT/runs/r18" --json "$OUT/runtime_speed.json"
-step r18_bench tledge benchmark "$OUT/runs/r18" --data $DATA/test --backend ort-cpu,openvino --plot "$OUT/bench_r18.png"
-step effl0_224_bench tledge benchmark "$OUT/runs/effl0_224" --data $DATA/test --backend ort-cpu,openvino \
-  --plot "$OUT/bench_effl0_224.png"
-# Robustness.
+# Robustness: hostile inputs before/after (runtime-only installs), load, long fuzzing, interruptions.
+python -m venv "$OUT/venv-rt-before" && "$OUT/venv-rt-before/bin/pip" -q install "$OUT/clone-before/runtime" 2>/dev/null \
+  || { rm -rf "$OUT/clone-before"; git worktree add -f "$OUT/clone-before" a5d733c >/dev/null 2>&1;
+       "$OUT/venv-rt-before/bin/pip" -q install "$OUT/clone-before/runtime"; }
+python -m venv "$OUT/venv-rt-after" && "$OUT/venv-rt-after/bin/pip" -q install ./runtime
+step attacks python benchmarks/attacks.py --before "$OUT/venv-rt-before/bin/python" \
+  --after "$OUT/venv-rt-after/bin/python" --json "$OUT/attacks.json"
 step runtime_load python benchmarks/runtime_load.py
-step fuzz_long env TLEDGE_FUZZ_EXAMPLES=20000 pytest -q -p no:cacheprovider tests/runtime/test_runtime_fuzz.py
+step fuzz_long env TLEDGE_FUZZ_EXAMPLES=20000 pytest -q -p no:cacheprovider --timeout 0 tests/runtime/test_runtime_fuzz.py
 step interruptions python benchmarks/interruptions.py --json "$OUT/interruptions.json"
 echo "done: $OUT"

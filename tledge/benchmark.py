@@ -234,8 +234,6 @@ def _torch_row(ckpt, path, images, y, batch, warmup, iters, threads) -> tuple[Ro
     from .checkpoint import model_from_checkpoint, preprocess_of
     from .transforms import Normalize
 
-    if threads:
-        torch.set_num_threads(threads)
     model = model_from_checkpoint(ckpt)
     norm = Normalize(preprocess_of(ckpt))
 
@@ -243,9 +241,15 @@ def _torch_row(ckpt, path, images, y, batch, warmup, iters, threads) -> tuple[Ro
         with torch.inference_mode():
             return model(norm(torch.from_numpy(x))).numpy()
 
-    pred = _predict_all(run, images, batch)
-    row = Row(path.name, "fp32", "pytorch-eager", size_mb=path.stat().st_size / 1e6, accuracy=_acc(pred, y))
-    _time(row, run, images, batch, warmup, iters)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:  # --threads for this row only: the process (a notebook, a test run) keeps its own setting
+        pred = _predict_all(run, images, batch)
+        row = Row(path.name, "fp32", "pytorch-eager", size_mb=path.stat().st_size / 1e6, accuracy=_acc(pred, y))
+        _time(row, run, images, batch, warmup, iters)
+    finally:
+        torch.set_num_threads(before)
     return row, pred
 
 

@@ -130,40 +130,53 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     folded = fold_batchnorm(student, normalize(x_all[order[:8]]))
     clean = copy.deepcopy(student)  # the float architecture the fine-tuned weights go back into for export
 
-    phases: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        phases[name], clock = round(now - clock, 1), now
-
+    phases = _Phases()
+    lap = phases.lap
     views = (False, True) if config.hflip else (False,)
     with torch.no_grad():  # the teacher's logits, once per image and view
         targets = {v: _batched(teacher, x_all, normalize, flip=v) for v in views}
     lap("teacher")
-    log.info("QAT: teacher logits of %d images x %d view(s) in %.0f s", len(x_all), len(views), phases["teacher"])
+    log.info("QAT: teacher logits of %d images x %d view(s) in %.0f s", len(x_all), len(views), phases.seconds["teacher"])
     calib = x_all[order[:config.calibration_images]] if calib_images is None else _check_images(calib_images, preprocess)
     quantizers = _quantize(mtq, student, calib, normalize, config.target)
     lap("calibrate")
-    log.info("QAT: %s, calibrated on %d images in %.0f s", quantizers, len(calib), phases["calibrate"])
+    log.info("QAT: %s, calibrated on %d images in %.0f s", quantizers, len(calib), phases.seconds["calibrate"])
     losses = _train(student, x_all, labels, targets, normalize, config, rng, progress)
     lap("train")
     state = {k: v for k, v in student.state_dict().items() if k in clean.state_dict()}
     clean.load_state_dict(state, strict=True)
     fp32, qdq, quant = _export(clean.eval(), calib, normalize, preprocess, config.target, batch, opset)
     lap("export")
-    seconds = time.perf_counter() - started
-    details = {"library": f"{LIBRARY} {_version()}", "steps": config.steps, "batch_size": config.batch_size,
-               "lr": config.lr, "weight_decay": config.weight_decay, "temperature": config.temperature,
-               "label_weight": config.label_weight, "hflip": config.hflip, "images": len(x_all),
-               "calibration_images": len(calib), "folded_batchnorms": folded, "quantizers": quantizers,
-               "distillation": f"KL(teacher || student) at T={config.temperature}"
-                               + (f" + {config.label_weight} x CE(labels)" if config.label_weight > 0 else ""),
-               "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
-               "seconds": round(seconds, 1), "phase_seconds": phases}
-    log.info("QAT: %d steps in %.0f s, loss %.4f -> %.4f", config.steps, seconds, losses[0], details["loss_last"])
+    details = _details(config, len(x_all), len(calib), folded, quantizers, losses, time.perf_counter() - started,
+                       phases.seconds)
+    log.info("QAT: %d steps in %.0f s, loss %.4f -> %.4f", config.steps, details["seconds"], losses[0],
+             details["loss_last"])
     return QATResult(qdq, fp32, replace(quant, method="qat"), details)
+
+
+class _Phases:
+    """Wall seconds of each phase of a QAT run, for report.json."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self._clock = round(now - self._clock, 1), now
+
+
+def _details(config: QATConfig, images: int, calibration: int, folded: int, quantizers: dict[str, int],
+             losses: list[float], seconds: float, phases: dict[str, float]) -> dict[str, Any]:
+    """What a QAT run did, as report.json records it."""
+    return {"library": f"{LIBRARY} {_version()}", "steps": config.steps, "batch_size": config.batch_size,
+            "lr": config.lr, "weight_decay": config.weight_decay, "temperature": config.temperature,
+            "label_weight": config.label_weight, "hflip": config.hflip, "images": images,
+            "calibration_images": calibration, "folded_batchnorms": folded, "quantizers": quantizers,
+            "distillation": f"KL(teacher || student) at T={config.temperature}"
+                            + (f" + {config.label_weight} x CE(labels)" if config.label_weight > 0 else ""),
+            "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
+            "seconds": round(seconds, 1), "phase_seconds": phases}
 
 
 # --- the steps ------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ def _assert_only_complete_models(folder: Path) -> list[str]:
     """Every visible file is a complete, verified model (or the report); anything else is a hidden .tmp."""
     names = []
     for path in sorted(folder.iterdir()):
+        if path.name == ".tledge-export":  # the folder's ownership marker, written first
+            continue
         if path.name.startswith("."):
             assert path.name.endswith(".tmp"), path  # atomic_write's temporary, never read as a model
             continue

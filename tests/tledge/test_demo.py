@@ -17,8 +17,10 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert "| best.pt | fp32 | pytorch-eager |" in text
-    for name in ("model.onnx", "model.fp16.onnx"):
-        assert f"| {name} |" in text and (out / "export" / name).is_file()
+    assert "| model.onnx |" in text and (out / "export" / "model.onnx").is_file()
+    for name in ("model.fp16.onnx", "model.int8.onnx"):  # a 2-epoch, 32-px model may miss a budget: a row says so
+        assert f"| {name} |" in text
+        assert (out / "export" / name).is_file() or "refused by tledge export" in text
     assert "recommendation: ship " in text
     assert "published baseline VGG-19" in text and "wall time" in text
     for name in ("best.pt", "curves.png", "confusion.png", "benchmark.png", "export/report.json"):
