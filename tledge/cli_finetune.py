@@ -56,6 +56,9 @@ option = config_option(default)
         help="Random crops keep at least this fraction of the image; 0.8 when defects are small.")
 @option("--unfreeze", field="unfreeze", type=click.IntRange(1, 100),
         help="Fine-tune only the last N backbone stages [default: all of them].")
+@option("--ema", field="ema", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        help="Average the weights while fine-tuning with this decay (e.g. 0.998); validation, best.pt and exports "
+             "use the average [default: off].")
 @option("--train-bn", field="train_bn", is_flag=True, help="Update BatchNorm statistics while fine-tuning (default: fixed).")
 @option("--adapt-bn", field="adapt_bn", is_flag=True,
         help="Re-estimate BatchNorm statistics on the training images first (data far from ImageNet).")

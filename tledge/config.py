@@ -40,6 +40,9 @@ class FinetuneConfig:
     crop_scale: float = 0.35  # random-resized-crop keeps at least this fraction of the image area;
     # raise it (0.8) when the evidence is small and anywhere in the image (defects): a tight crop can miss it
     unfreeze: Optional[int] = None  # fine-tune only the last N backbone stages (None: all of them)
+    # Keep an exponential moving average of the weights while fine-tuning, with this decay (None: off);
+    # validation, best.pt and every export use the averaged weights.
+    ema: Optional[float] = None
     # BatchNorm in inference mode while fine-tuning (Keras' advice too): the head was fitted on
     # features computed with the running statistics; batch statistics of a small, domain-shifted
     # batch would change the features under it. Also ~15% faster on CPU.
@@ -66,6 +69,7 @@ class FinetuneConfig:
                   (0 < self.crop_ratio <= 1, "--crop-ratio must be in (0, 1]"),
                   (0.05 <= self.crop_scale <= 1, "--crop-scale must be in [0.05, 1]"),
                   (self.unfreeze is None or self.unfreeze >= 1, "--unfreeze must be at least 1"),
+                  (self.ema is None or 0 < self.ema < 1, "--ema must be in (0, 1)"),
                   (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")]
         for ok, message in checks:
             if not ok:

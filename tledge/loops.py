@@ -143,6 +143,8 @@ def train_epoch(run: Run, model: nn.Module, opt: torch.optim.Optimizer, set_lr: 
         x = run.normalize(batch.to(d.device, non_blocking=True))
         y = labels_t[rows].to(d.device, non_blocking=True)
         loss, logits = _step(model, opt, scaler, x, y, cfg)
+        if run.ema is not None:
+            run.ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
         n = len(rows)
         sums += torch.tensor([loss * n, float((logits.argmax(1) == y).sum()), n], dtype=torch.float64)
         bar.update(1)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
+from .ema import WeightEMA
 from .loops import adapt_batchnorm, evaluate_logits, infer, train_epoch, train_head_epoch, warmup_cosine
 from .models import Net, trainable_stages
 from .run import Run, end_epoch, unwrap
@@ -128,10 +129,15 @@ def finetune_phase(run: Run) -> None:
     total = sum(p.numel() for p in net.backbone.parameters())
     log.info("fine-tuning %.2fM of %.2fM backbone parameters%s", trainable / 1e6, total / 1e6,
              f" (last {cfg.unfreeze} stages)" if cfg.unfreeze else "")
+    if cfg.ema is not None:
+        run.ema = WeightEMA(net, cfg.ema)
+        if run.resumed is not None and "ema" in run.resumed and run.resumed["state"].get("phase") == "finetune":
+            run.ema.load_state_dict(run.resumed["ema"])
     while run.state.epoch < cfg.epochs and not run.state.stopped_early(cfg):
         stats = train_epoch(run, ddp, opt, set_lr, augment, scaler)
         run.state.step += steps_per_epoch
-        val_loss, val_acc = evaluate_logits(sharded_infer(run, net, run.val.images, "validate"),
+        validated = run.ema.model if run.ema is not None else net
+        val_loss, val_acc = evaluate_logits(sharded_infer(run, validated, run.val.images, "validate"),
                                             torch.from_numpy(run.val.labels))
         end_epoch(run, opt, "finetune", stats, val_loss, val_acc, lr=opt.param_groups[-1]["lr"])
 

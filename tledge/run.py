@@ -26,6 +26,7 @@ from . import runfolder
 from .checkpoint import preprocess_of, save_checkpoint
 from .config import FinetuneConfig
 from .data import Splits, load_splits
+from .ema import WeightEMA
 from .errors import ConfigError
 from .imagecache import DecodedImages, decode_images, require_every_class, summarize_skipped, train_geometry
 from .models import Net, create_model, default_preprocess
@@ -84,6 +85,7 @@ class Run:
     shuffle_gen: torch.Generator  # the order of training images (same on every process)
     aug_gen: torch.Generator  # augmentation draws (one stream per process)
     resumed: Optional[dict[str, Any]] = None  # the last.pt this run continues, if any
+    ema: Optional[WeightEMA] = None  # averaged weights while fine-tuning (--ema): what best.pt holds
 
     def optimizer_state(self, phase: str) -> Optional[dict[str, Any]]:
         """The saved optimizer state when the run was interrupted in ``phase`` ("head" or "finetune")."""
@@ -184,11 +186,13 @@ def end_epoch(run: Run, opt: torch.optim.Optimizer, phase: str, stats: EpochStat
     augment_states = _gather_gen_states(run.dist, run.aug_gen)
     if run.dist.main:
         payload = model_payload(run, metrics={"val_accuracy": val_acc, "val_loss": val_loss})
-        if improved:
-            save_checkpoint(run.out / "best.pt", payload)
+        if improved:  # the weights validated: the averaged ones when --ema is on
+            save_checkpoint(run.out / "best.pt", {**payload, "state_dict": _weights(run.ema.model if run.ema
+                                                                                     else unwrap(run.model))})
         save_checkpoint(run.out / "last.pt", {
             **payload, "optimizer": opt.state_dict(), "state": {**asdict(state), "phase": phase},
             "rng": {"shuffle": run.shuffle_gen.get_state(), "augment": augment_states, "torch": torch.get_rng_state()},
+            **({"ema": run.ema.state_dict()} if run.ema else {}),
         })
         log.info("epoch %d/%d [%s] train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%%%s | %.1f img/s, %.1fs",
                  state.epoch, run.cfg.epochs, phase, stats.loss, 100 * stats.acc, val_loss, 100 * val_acc,
@@ -198,10 +202,13 @@ def end_epoch(run: Run, opt: torch.optim.Optimizer, phase: str, stats: EpochStat
 
 def model_payload(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint needs to rebuild and describe its model on its own (tensors and plain data only)."""
-    net = unwrap(run.model)
     return {"arch": run.cfg.arch, "labels": run.splits.classes, "preprocess": run.prep.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "state_dict": _weights(unwrap(run.model)),
             "config": run.cfg.to_dict(), "tledge_version": __version__, "epoch": run.state.epoch, "metrics": metrics}
+
+
+def _weights(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
 def _gather_gen_states(dist: dist_utils.Dist, gen: torch.Generator) -> list[torch.Tensor]:

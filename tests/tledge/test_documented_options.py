@@ -24,15 +24,19 @@ def _invoke(args: list[str]):
     return result
 
 
-def test_optimizer_unfreeze_train_bn_and_no_hflip(tmp_path):
+def test_optimizer_unfreeze_train_bn_ema_and_no_hflip(tmp_path):
     from tledge.models import create_model, get_arch
 
     data = make_dataset(tmp_path / "data", per_class=10)
     out = tmp_path / "run"
     _invoke(["finetune", str(data), "--out", str(out), "--img-size", "32", "--epochs", "2", "--freeze-epochs", "1",
              "--optimizer", "sgd", "--unfreeze", "1", "--train-bn", "--no-hflip", "--batch-size", "8",
-             "--workers", "2"])
+             "--ema", "0.9", "--workers", "2"])
     last = torch.load(out / "last.pt", weights_only=True)
+    steps = last["state"]["step"]
+    assert last["config"]["ema"] == 0.9 and last["ema"]["updates"] == steps > 0  # one update per optimizer step
+    head = "head.weight"
+    assert not torch.equal(last["ema"]["weights"][head], last["state_dict"][head])  # the average, not the last step
     assert last["config"]["optimizer"] == "sgd" and last["config"]["train_bn"] and last["config"]["unfreeze"] == 1
     assert all("momentum_buffer" in s for s in last["optimizer"]["state"].values())  # SGD's state, not AdamW's
     assert json.loads((out / "metrics.json").read_text())["hflip"] is False
