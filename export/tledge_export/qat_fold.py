@@ -38,14 +38,7 @@ def fold_batchnorm(net: Any, sample: Any) -> int:
         if conv is not None and all(m is not b for _, b in pairs):
             pairs.append((conv, m))
 
-    hooks = [m.register_forward_hook(after_conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_pre_hook(before_bn) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        with torch.no_grad():
-            net(sample)
-    finally:
-        for h in hooks:
-            h.remove()
+    _trace(net, sample, after_conv, before_bn, [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)])
     convs = [c for c, _ in pairs]
     if len(set(map(id, convs))) != len(convs):
         raise ExportError("a convolution feeds two BatchNorms; cannot fold", hint="report this architecture")
@@ -86,7 +79,6 @@ def _set_module(root: Any, name: str, module: Any) -> None:
 def unactivated_convs(net: Any, sample: Any) -> list[str]:
     """Convolutions whose output is not consumed by an activation module: ONNX Runtime quantizes their
     output tensor itself (a residual branch before its Add), so QAT must simulate it there too."""
-    import torch
     from torch import nn
 
     acts = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish)
@@ -104,12 +96,21 @@ def unactivated_convs(net: Any, sample: Any) -> list[str]:
     # A folded BatchNormAct became Sequential(activation): it counts as the activation it holds.
     watched = [m for m in net.modules() if isinstance(m, acts) or (isinstance(m, nn.Sequential) and len(m)
                                                                     and isinstance(m[-1], acts))]
+    _trace(net, sample, after_conv, before_act, watched)
+    return [n for n in produced.values() if n not in activated]
+
+
+def _trace(net: Any, sample: Any, after_conv: Any, before: Any, consumers: list) -> None:
+    """Run ``sample`` once with ``after_conv`` hooked after every convolution and ``before`` ahead of each of
+    ``consumers``: how the functions above see which module feeds which."""
+    import torch
+    from torch import nn
+
     hooks = [m.register_forward_hook(after_conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_pre_hook(before_act) for m in watched]
+    hooks += [m.register_forward_pre_hook(before) for m in consumers]
     try:
         with torch.no_grad():
             net(sample)
     finally:
         for h in hooks:
             h.remove()
-    return [n for n in produced.values() if n not in activated]
