@@ -155,6 +155,17 @@ def pct(values: list[float], q: float) -> float:
 # --------------------------------------------------------------------------- part 1: threads
 
 
+def run_threads(target, n: int) -> float:
+    """Run ``target(i)`` for i in 0..n-1 on n threads at once; the wall time until the last one ends."""
+    start = time.perf_counter()
+    pool = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return time.perf_counter() - start
+
+
 def thread_load(clf: Classifier, threads: int, per_thread: int) -> None:
     frames = camera_frames(12)
     inputs = []  # (source, channel_order); expected answers are computed serially below
@@ -196,13 +207,7 @@ def thread_load(clf: Classifier, threads: int, per_thread: int) -> None:
         with lock:
             counts.update(local)
 
-    start = time.perf_counter()
-    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
-    elapsed = time.perf_counter() - start
+    elapsed = run_threads(worker, threads)
     rss["after"] = rss_mib()
     total = threads * per_thread
     print(f"\n## Part 1: {threads} threads x {per_thread} predictions on one Classifier ({clf.backend_name})")
@@ -343,14 +348,8 @@ def keepalive_load(server: ServerProcess, clients: int, seconds: float, good: li
                         wrong.append(f"{label}: {data[:80]!r}")
         conn.close()
 
-    start_t = time.perf_counter()
     cpu_before = server.cpu_s()
-    pool = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
-    elapsed = time.perf_counter() - start_t
+    elapsed = run_threads(client, clients)
     cpu_ms = (server.cpu_s() - cpu_before) * 1000.0 / max(1, sum(statuses.values()))
     return {"ok_rps": statuses[200] / elapsed, "p50": pct(latencies, 50), "p99": pct(latencies, 99), "cpu_ms": cpu_ms,
             "statuses": dict(sorted(statuses.items())), "errors": sum(errors.values()), "error_kinds": dict(errors),
@@ -375,11 +374,7 @@ def burst(server: ServerProcess, clients: int) -> dict:
             with lock:
                 errors[type(e).__name__] += 1
 
-    pool = [threading.Thread(target=client) for _ in range(clients)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
+    run_threads(lambda _: client(), clients)
     return {"answers": dict(ok), "errors": sum(errors.values()), "error_kinds": dict(errors)}
 
 
@@ -421,15 +416,10 @@ def big_bodies(server: ServerProcess, clients: int, body: bytes, rounds: int = 2
                 time.sleep(wait)
 
     before = server.peak_rss_mib()
-    start_t = time.monotonic()
-    pool = [threading.Thread(target=client) for _ in range(clients)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
+    seconds = run_threads(lambda _: client(), clients)
     return {"served": dict(sorted(served.items())), "statuses": dict(sorted(statuses.items())),
             "errors": sum(errors.values()), "rss_before": before, "peak_rss": server.peak_rss_mib(),
-            "seconds": time.monotonic() - start_t}
+            "seconds": seconds}
 
 
 class SlowSenders:

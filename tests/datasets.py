@@ -27,6 +27,14 @@ def write_images(folder: Path, colour: tuple[int, int, int], n: int, *, seed: in
     return paths
 
 
+def grey_images(folder: Path, n: int) -> Path:
+    """``n`` flat mid-grey 40x40 PNG files: calibration data that clips every real activation of int8."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((40, 40, 3), 120 + i, dtype=np.uint8)).save(folder / f"g{i}.png")
+    return folder
+
+
 def make_dataset(root: Path, *, per_class: int = 14, layout: str = "folder", classes=("red", "green", "blue"),
                  seed: int = 0) -> Path:
     """``root/<class>/*`` or ``root/{train,val,test}/<class>/*`` with real image files."""

@@ -82,48 +82,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(sub: Any, name: str, run: Any, *, help: str, model_help: str) -> argparse.ArgumentParser:
+    """A sub-command that takes a model file first and calls ``run(args)``."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("model", type=Path, help=model_help)
+    p.set_defaults(run=run)
+    return p
+
+
 def _add_predict(sub: Any) -> None:
-    p = sub.add_parser("predict", help="classify image files")
-    p.add_argument("model", type=Path, help=".onnx or .engine file written by tledge export")
+    p = _command(sub, "predict", _predict, help="classify image files",
+                 model_help=".onnx or .engine file written by tledge export")
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     p.add_argument("--topk", type=_positive_int, default=1, metavar="K", help="list the K best classes (default: 1)")
     _add_model_options(p)
-    p.set_defaults(run=_predict)
 
 
 def _add_info(sub: Any) -> None:
-    p = sub.add_parser("info", help="show a model's metadata and the backends usable on this machine")
-    p.add_argument("model", type=Path, help=".onnx or .engine file")
+    p = _command(sub, "info", _info, help="show a model's metadata and the backends usable on this machine",
+                 model_help=".onnx or .engine file")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=_info)
 
 
 def _add_check(sub: Any) -> None:
-    p = sub.add_parser("check", help="replay the model's embedded reference set on this device: decode, resize, "
-                                     "normalization and numerics against PyTorch; exit 1 if anything differs")
-    p.add_argument("model", type=Path, help=".onnx or .engine file written by tledge export")
+    p = _command(sub, "check", _check, help="replay the model's embedded reference set on this device: decode, "
+                 "resize, normalization and numerics against PyTorch; exit 1 if anything differs",
+                 model_help=".onnx or .engine file written by tledge export")
     p.add_argument("--backend", default="auto", choices=("auto", "all") + _backend_names(),
                    help="backend to check, or all that can run this file here (default: auto)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu", "cuda"), help="for --backend auto")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads per inference")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(run=_check)
 
 
 def _add_build(sub: Any) -> None:
-    p = sub.add_parser("build", help="build a TensorRT engine for this device from a tledge ONNX file (same "
-                                     "precision and metadata), written only if its reference check passes")
-    p.add_argument("model", type=Path, help=".onnx file written by tledge export (fp16 or TensorRT-flavour int8)")
+    p = _command(sub, "build", _build, help="build a TensorRT engine for this device from a tledge ONNX file (same "
+                 "precision and metadata), written only if its reference check passes",
+                 model_help=".onnx file written by tledge export (fp16 or TensorRT-flavour int8)")
     p.add_argument("--out", type=Path, default=None, help="engine file (default: the model's path with .engine)")
     p.add_argument("--max-batch", type=_positive_int, default=32, help="largest batch of the engine (default: 32)")
-    p.set_defaults(run=_build)
 
 
 def _add_serve(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve the model over HTTP: Open Inference Protocol v2 (as Triton), /predict, "
-                                     "/metrics")
-    p.add_argument("model", type=Path, help=".onnx or .engine file")
+    p = _command(sub, "serve", _serve, help="serve the model over HTTP: Open Inference Protocol v2 (as Triton), "
+                 "/predict, /metrics", model_help=".onnx or .engine file")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; any other address needs --token or --insecure)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
@@ -147,7 +150,6 @@ def _add_serve(sub: Any) -> None:
                    help="seconds requests in flight may finish after SIGTERM/SIGINT (default: 10)")
     p.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes in each answer (default: 5)")
     _add_model_options(p)
-    p.set_defaults(run=_serve)
 
 
 def _backend_names() -> tuple[str, ...]:

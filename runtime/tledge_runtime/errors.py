@@ -8,6 +8,9 @@ exceptions into text.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any, Callable
+
 
 class TledgeError(Exception):
     """Base class: a problem the user can fix, described in words, with a hint."""
@@ -64,3 +67,15 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     """
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:limit]
+
+
+def import_optional(module: str, error: Callable[..., TledgeError], message: str, hint: str) -> Any:
+    """``module`` imported, or ``error(message, hint=hint)`` raised when it (or a library it needs) does not import.
+
+    The one shape of every optional-dependency guard. ``message`` may name the module that failed as
+    ``{missing}`` and the import error as ``{reason}``.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise error(message.format(missing=e.name or module, reason=e), hint=hint) from None

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .backend_base import Backend, Shape
-from .errors import BackendError, ModelError, first_line
+from .errors import BackendError, ModelError, first_line, import_optional
 from .fileio import cache_dir
 from .meta import ModelMeta
 
@@ -87,11 +87,7 @@ class OpenVinoBackend(Backend):
 
 
 def _import_openvino() -> Any:
-    try:
-        import openvino as ov
-    except ImportError:
-        raise BackendError("OpenVINO is not installed", hint="pip install openvino") from None
-    return ov
+    return import_optional("openvino", BackendError, "OpenVINO is not installed", "pip install openvino")
 
 
 def cpu_supports_bf16() -> bool:

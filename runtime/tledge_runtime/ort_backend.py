@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .backend_base import Backend, Opened
-from .errors import BackendError, MetadataError, ModelError, first_line
+from .errors import BackendError, MetadataError, ModelError, first_line, import_optional
 from .fileio import cache_dir
 from .meta import ONNX_KEY, ModelMeta
 from .nvidia import cuda_device_count
@@ -26,12 +26,8 @@ _PIP_GPU_HINT = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (on
 
 
 def import_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise BackendError(f"onnxruntime is not installed ({e})",
-                           hint="pip install onnxruntime (or onnxruntime-gpu on NVIDIA machines)") from None
-    return onnxruntime
+    return import_optional("onnxruntime", BackendError, "onnxruntime is not installed ({reason})",
+                           "pip install onnxruntime (or onnxruntime-gpu on NVIDIA machines)")
 
 
 def open_onnxruntime(path: Path, device: str, backend: str | None, threads: int | None) -> Opened:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .engine_file import is_engine_file
-from .errors import TledgeError
+from .errors import TledgeError, import_optional
 from .served_model import default_name
 
 if TYPE_CHECKING:
@@ -225,14 +225,11 @@ def serve(classifier: Classifier, config: ServeConfig, *, on_ready: Callable[[Se
 
 
 def _require_extra() -> Any:
-    try:
-        import prometheus_client  # noqa: F401
-        import starlette  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise TledgeError(f"serve needs {e.name}, which is not installed",
-                          hint="pip install 'tledge-runtime[serve]'") from None
-    return uvicorn
+    """uvicorn, after checking that every library of the serve extra imports."""
+    for module in ("prometheus_client", "starlette", "uvicorn"):
+        found = import_optional(module, TledgeError, "serve needs {missing}, which is not installed",
+                                "pip install 'tledge-runtime[serve]'")
+    return found
 
 
 def _check_tls(config: ServeConfig) -> None:

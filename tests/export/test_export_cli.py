@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 from tledge_export.artifact import read_meta
 
 from tledge.cli import main
+
+from ..datasets import grey_images
 
 
 def run(*args: str):
@@ -69,10 +69,7 @@ def test_bad_option_combinations_fail_before_any_work(tiny_run, tmp_path, args, 
 def test_int8_over_budget_exits_1_with_the_numbers(tiny_run, exported, tmp_path):
     """Calibrated on flat grey images, int8 clips every real activation; one float node cannot save it.
     With a fixed batch of 4 (15 held-out images: the last batch is padded) throughout."""
-    calib = tmp_path / "grey"
-    calib.mkdir()
-    for i in range(6):
-        Image.fromarray(np.full((40, 40, 3), 120 + i, dtype=np.uint8)).save(calib / f"g{i}.png")
+    calib = grey_images(tmp_path / "grey", 6)
     out = tmp_path / "out"
     out.mkdir()
     for name in ("model.int8.onnx", ".tledge-export"):  # left by an earlier, good export into this folder

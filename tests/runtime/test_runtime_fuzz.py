@@ -165,15 +165,19 @@ NON_FINITE = json.dumps({
 @example(NON_FINITE.replace("VALUE", "1e999"))
 @example(NON_FINITE.replace("VALUE", "NaN"))
 def test_metadata_parses_or_is_refused_with_metadata_error(text):
+    meta = _parsed_or_refused(text)
+    if meta is not None:  # whatever parsed is a usable contract: bounded, round-trips, valid preprocessing
+        _check_parsed(meta)
+        meta.preprocess.validate()
+
+
+def _parsed_or_refused(text: str):
+    """The metadata ``text`` parses to, or None when it is refused, as it must be, with a MetadataError and a hint."""
     try:
-        meta = ModelMeta.from_json(text)
+        return ModelMeta.from_json(text)
     except MetadataError as e:
         assert e.hint
-        return
-    # Whatever parsed is a usable contract: round-trips, and its preprocessing is valid.
-    assert ModelMeta.from_json(meta.to_json()) == meta
-    meta.preprocess.validate()
-    assert len(meta.labels) >= 2
+        return None
 
 
 @pytest.mark.parametrize("seed", range(len(SEEDS)))
@@ -288,12 +292,9 @@ def _check_parsed(meta: ModelMeta) -> None:
 @FUZZ
 @given(hostile_meta())
 def test_hostile_metadata_structure_parses_bounded_or_is_a_metadata_error(text):
-    try:
-        meta = ModelMeta.from_json(text)
-    except MetadataError as e:
-        assert e.hint
-        return
-    _check_parsed(meta)
+    meta = _parsed_or_refused(text)
+    if meta is not None:
+        _check_parsed(meta)
 
 
 @pytest.fixture(scope="module")

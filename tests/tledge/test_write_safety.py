@@ -9,12 +9,10 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
-from PIL import Image
 
 from tledge.cli import main
 from tledge.data import load_splits
@@ -22,7 +20,7 @@ from tledge.errors import ConfigError, DataError
 from tledge.finetune import FinetuneConfig, finetune
 from tledge.runfolder import RUN_MARKER
 
-from ..datasets import TINY, make_dataset
+from ..datasets import TINY, grey_images, make_dataset
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -175,10 +173,7 @@ def test_remove_stale_and_save_onnx_touch_only_files_tledge_wrote(tmp_path):
 
 
 def test_a_failed_export_leaves_a_users_same_named_file_alone(tiny_run, tmp_path):
-    calib = tmp_path / "grey"
-    calib.mkdir()
-    for i in range(4):
-        Image.fromarray(np.full((40, 40, 3), 120 + i, dtype=np.uint8)).save(calib / f"g{i}.png")
+    calib = grey_images(tmp_path / "grey", 4)
     out = tmp_path / "out"
     out.mkdir()
     stray = _plain_onnx(out / "model.int8.onnx", producer="my-quantizer")
