@@ -245,7 +245,9 @@ def run_one(python: str, argv: list[str], *, timeout: float, mem_limit_mb: int, 
     def limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    env = {**os.environ, "ATTACK_PEAK_FILE": str(peak_file), "OMP_NUM_THREADS": "2"}
+    # The child sees only its own install: a PYTHONPATH of the development tree would shadow it.
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "ATTACK_PEAK_FILE": str(peak_file),
+           "OMP_NUM_THREADS": "2"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([python, "-c", RUNNER, "-q", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, preexec_fn=limit_memory)
