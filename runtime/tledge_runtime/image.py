@@ -18,6 +18,7 @@ with a reason and the numbers, never a crash.
 from __future__ import annotations
 
 import io
+import math
 import os
 import threading
 import warnings
@@ -343,20 +344,24 @@ def grey_to_l(img: Image.Image) -> Image.Image:
     def strip(top: int, bottom: int) -> np.ndarray:
         return np.asarray(img.crop((0, top, w, bottom)))
 
-    peak = 0.0
-    for top, bottom in strips:
-        a = strip(top, bottom)
-        if a.dtype.kind == "f":
+    peak = img.getextrema()[1]  # one pass in C, no copy
+    if not math.isfinite(peak):  # inf or NaN somewhere: the largest finite value, strip by strip
+        peak = 0.0
+        for top, bottom in strips:
+            a = strip(top, bottom)
             a = a[np.isfinite(a)]
-        if a.size:
-            peak = max(peak, float(a.max()))
+            if a.size:
+                peak = max(peak, float(a.max()))
     factor = 255.0 if img.mode == "F" and peak <= 1.0 else (1.0 / 257.0 if peak > 255.0 else 1.0)
     out = np.empty((h, w), dtype=np.uint8)
+    buf = np.empty((rows, w), dtype=np.float32)  # one strip of float32, reused
     for top, bottom in strips:
-        block = strip(top, bottom).astype(np.float32) * np.float32(factor)
+        block = buf[: bottom - top]
+        np.multiply(strip(top, bottom), np.float32(factor), out=block, casting="unsafe")
         np.nan_to_num(block, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
         np.clip(block, 0, 255, out=block)
-        out[top:bottom] = np.rint(block)
+        np.rint(block, out=block)
+        out[top:bottom] = block
     return Image.fromarray(out, "L")
 
 
