@@ -269,3 +269,35 @@ def test_a_graph_that_contradicts_its_metadata_is_still_a_model_error(tmp_path):
     doc["preprocess"].update(height=MAX_SIDE, width=MAX_SIDE)  # valid ranges, the 16-px graph disagrees
     with pytest.raises(ModelError, match="metadata's preprocessing makes 2048x2048"):
         Classifier(write_model(tmp_path / "m.onnx", meta_json=json.dumps(doc)))
+
+
+def _width_from_input_graph():
+    """The colour classifier with ``batch`` extra output columns of large logits: the declared output shape is
+    (batch, classes?) with a free width, so the load check passes; the real width is 3 + batch."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from runtime_testkit import build_graph
+
+    model = build_graph("fp32")
+    g = model.graph
+    next(n for n in g.node if n.op_type == "Gemm").output[0] = "z"
+    g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                          numpy_helper.from_array(np.array([1], np.int64), "one")])
+    g.node.extend([helper.make_node("Shape", ["input"], ["shape"]),
+                   helper.make_node("Slice", ["shape", "zero", "one"], ["n"]),
+                   helper.make_node("Concat", ["n", "n"], ["nn"], axis=0),
+                   helper.make_node("ConstantOfShape", ["nn"], ["big"],
+                                    value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1000.0])),
+                   helper.make_node("Concat", ["z", "big"], ["logits"], axis=1)])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "classes"]))
+    return model
+
+
+def test_an_output_width_that_depends_on_the_input_is_a_model_error_on_every_run(tmp_path, images):
+    path = write_model(tmp_path / "width.onnx", graph=_width_from_input_graph())
+    with Classifier(path, backend="ort-cpu") as clf:  # the declared shapes pass the load check
+        for call in (lambda: clf.predict(images["red"][0]), lambda: clf.predict_batch(images["red"][:2])):
+            with pytest.raises(ModelError, match=r"output of shape \(1, 4\)|output of shape \(2, 5\)") as e:
+                call()
+            assert "lists 3 labels" in str(e.value) and e.value.hint
