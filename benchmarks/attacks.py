@@ -245,9 +245,7 @@ def run_one(python: str, argv: list[str], *, timeout: float, mem_limit_mb: int, 
     def limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    # The child sees only its own install: a PYTHONPATH of the development tree would shadow it.
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "ATTACK_PEAK_FILE": str(peak_file),
-           "OMP_NUM_THREADS": "2"}
+    env = {**child_env(), "ATTACK_PEAK_FILE": str(peak_file), "OMP_NUM_THREADS": "2"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([python, "-c", RUNNER, "-q", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, preexec_fn=limit_memory)
@@ -301,8 +299,14 @@ def _clip(text: str, n: int) -> str:
 
 def _version(python: str) -> str:
     code = "import tledge_runtime, onnxruntime, PIL; print(tledge_runtime.__file__)"
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=child_env())
     return proc.stdout.strip() or proc.stderr.strip()[-200:]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child runtime: its own install only (a PYTHONPATH of the development tree would
+    shadow it)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def main() -> None:
