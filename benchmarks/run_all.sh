@@ -24,6 +24,8 @@ lscpu > "$OUT/machine.txt"; pip freeze >> "$OUT/machine.txt"
 rm -rf "$OUT/clone" && git clone -q . "$OUT/clone"
 step demo bash -c "cd '$OUT/clone' && tledge demo --out runs/demo"
 DEMO="$OUT/clone/runs/demo"
+# The demo's table again on a quiet machine (the demo's own wall time and latencies are those of its run).
+step demo_benchmark bash -c "cd '$OUT/clone' && tledge benchmark runs/demo --data data/elpv/test"
 # One preprocessing path (issue 11): camera-frame speed, end-to-end parity of `tledge evaluate --predictions`.
 step preprocess_speed python benchmarks/preprocess_speed.py --json "$OUT/preprocess_speed.json"
 step predictions_parity python benchmarks/predictions_parity.py "$DEMO/best.pt" "$OUT/clone/data/elpv/test"
@@ -45,7 +47,8 @@ for run in "$OUT/lite1" "$OUT/elpv-lite2/run-0"; do
   step "bench_$name" tledge benchmark "$run" --data "$OUT/elpv-default/data-0/test" --backend ort-cpu,openvino \
     --plot "$OUT/bench_$name.png"
 done
-step qat_elpv python benchmarks/qat_elpv.py "$OUT/elpv-default/run-0/best.pt" --out "$OUT/qat_elpv.json"
+step qat_elpv python benchmarks/qat_elpv.py "$OUT/elpv-default/run-0/best.pt" --steps 40 --lr 1e-5 --train-images 320 \
+  --out "$OUT/qat_elpv.json"
 # Speed, side by side.
 step finetune_speed python benchmarks/finetune_speed.py --data $DATA --json "$OUT/finetune_speed.json"
 step r18_train tledge finetune $DATA --arch resnet18 --weights none --img-size 224 --epochs 3 --freeze-epochs 0 \
