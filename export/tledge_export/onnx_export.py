@@ -118,7 +118,34 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as e:  # onnxslim raises whatever its passes raise
         log.warning("onnxslim could not simplify the graph (%s); keeping it as exported", first_line(e))
         return model
-    return slim if isinstance(slim, onnx.ModelProto) else model
+    if not isinstance(slim, onnx.ModelProto):
+        return model
+    # A fusion can change the numbers (onnxslim 0.1.98 moves EfficientNet-Lite1's logits by ~0.1): the
+    # simplified graph must compute what the exported one computes, or the exported one is kept.
+    diff = _probe_difference(model, slim)
+    if diff > SLIM_TOLERANCE:
+        log.warning("onnxslim changed the graph's outputs (max |diff| %.3g on a probe input); keeping it as "
+                    "exported", diff)
+        return model
+    return slim
+
+
+SLIM_TOLERANCE = 1e-4  # float32 re-association moves logits by ~1e-6; a wrong fusion by 1e-2 or more
+
+
+def _probe_difference(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
+    """Largest |difference| of the first outputs of graphs ``a`` and ``b`` on one seeded random input."""
+    import numpy as np
+    import onnxruntime as ort
+
+    dims = a.graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else 2 for d in dims]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    outs = []
+    for graph in (a, b):
+        sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {sess.get_inputs()[0].name: x})[0])
+    return float(np.abs(outs[0] - outs[1]).max())
 
 
 def _check_io(model: onnx.ModelProto, p: Preprocess, num_classes: int, batch: Optional[int]) -> None:
