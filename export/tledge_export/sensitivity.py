@@ -125,6 +125,8 @@ def _activation_scores(qdq: onnx.ModelProto, pairs: dict[str, tuple[str, str]], 
         values = dict(zip(names, sess.run(names, {input_name: batch})))
         values.update({name: batch for name in graph_inputs})
         for key, (x_name, dq_name) in pairs.items():
+            if values[x_name].ndim < 2 or len(values[x_name]) != len(batch):
+                continue  # a scalar or shape computation (a graph left unsimplified pads by computed amounts)
             x, d = values[x_name][:n].astype(np.float64), values[dq_name][:n].astype(np.float64)
             axis = 1 if x.ndim >= 2 else 0
             s, e = _per_channel(x * x, axis), _per_channel((x - d) ** 2, axis)
