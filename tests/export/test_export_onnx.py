@@ -130,3 +130,20 @@ def test_efficientnet_lite1_exports_the_numbers_pytorch_computes(caplog):
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, atol=FP32_ATOL, rtol=FP32_RTOL)
     assert "onnxslim changed the graph's outputs" in caplog.text  # the guard, not luck, kept it right
+
+
+def test_int8_sensitivity_ranks_an_unsimplified_lite1_graph():
+    """The graph kept as exported computes EfficientNet-Lite's "same" padding from shapes; int8 quantizes
+    some of that scalar arithmetic. The accuracy-aware ranking must rank image activations and skip it."""
+    from tledge.models import create_model, default_preprocess
+    from tledge_export.int8 import Quantizer
+    from tledge_export.sensitivity import rank_nodes
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite1", 2, weights="none").eval()
+    p = default_preprocess("efficientnet_lite1")
+    proto = export_onnx(model, p, 2)
+    calib = np.random.default_rng(0).standard_normal((4, 3, p.height, p.width)).astype(np.float32)
+    with Quantizer(proto, calib) as q:
+        ranking = rank_nodes(q.quantize(), calib, float_model=proto)
+    assert len(ranking) > 20 and all(np.isfinite(score) for _, score in ranking)
