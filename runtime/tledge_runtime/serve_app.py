@@ -38,6 +38,7 @@ from .serve_http import (
     HTTPError,
     Observe,
     content_length,
+    discard_rest,
     disconnected,
     http_exception,
     late,
@@ -222,6 +223,8 @@ class _Handlers:
         deadline = time.monotonic() + cfg.timeout_s
         declared = content_length(request)
         if declared is not None and declared > cfg.max_bytes:
+            if request.headers.get("expect", "").lower() != "100-continue":  # else the client waits: it sent nothing
+                await discard_rest(request, deadline)  # (and reading now would invite it to send the body)
             raise too_large(declared, cfg.max_bytes)
         reserve = declared if declared is not None else cfg.max_bytes
         if s.in_flight >= cfg.max_queue:

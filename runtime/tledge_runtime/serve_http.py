@@ -127,6 +127,7 @@ async def read_body(request: Request, max_bytes: int, deadline: float, declared:
                 raise HTTPError(499, "the client closed the connection", None)
             chunk = message.get("body", b"")
             if size + len(chunk) > max_bytes:
+                await discard_rest(request, deadline)
                 raise too_large(size + len(chunk), max_bytes, sent=True)
             if declared:
                 body[size:size + len(chunk)] = chunk  # h11 has checked that no more than declared arrives
@@ -141,6 +142,28 @@ async def read_body(request: Request, max_bytes: int, deadline: float, declared:
     if declared and size != declared:  # the client closed early; h11 reports it as a disconnect, this is a backstop
         raise HTTPError(400, f"the request body ended after {size} of {declared} bytes", "send the whole body")
     return body
+
+
+# RFC 9112 §9.6 ("tear-down"): a server that answers and closes while the client is still sending makes the
+# client's kernel answer the unread bytes with a reset, and that reset can destroy the answer (a 413) before
+# the client reads it; the client sees a broken pipe instead. So before answering a refused body the server
+# reads and discards a little more of it: enough for a body somewhat over the limit to end and its sender to
+# read the 413, bounded in bytes and time so that a refusal never costs more than this.
+DRAIN_BYTES = 1 << 20
+DRAIN_SECONDS = 1.0
+
+
+async def discard_rest(request: Request, deadline: float) -> None:
+    """Read and drop the rest of a refused body: at most DRAIN_BYTES, for at most DRAIN_SECONDS."""
+    left = DRAIN_BYTES
+    with anyio.move_on_after(max(0.0, min(DRAIN_SECONDS, deadline - time.monotonic()))):
+        while left > 0:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+            left -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 async def disconnected(request: Request) -> None:

@@ -80,7 +80,9 @@ def test_a_chunked_body_is_cut_at_the_limit_while_it_streams(server):
     sent = []
 
     def chunks():  # a body with no Content-Length: the limit applies to what arrives
-        for _ in range(8):
+        for i in range(8):
+            if i == 5:  # past the limit: the server has refused by now; a server that closed at once would
+                time.sleep(0.3)  # make the next sends fail with a broken pipe before the client reads its 413
             sent.append(1)
             yield b"x" * (MAX_BYTES // 4)
 

@@ -174,3 +174,34 @@ def test_metrics_count_requests_latency_batches_and_the_model(classifier, images
     assert 'tledge_request_seconds_count{endpoint="predict"} 4.0' in body
     assert "tledge_batch_size_sum 3.0" in body and "tledge_queue_depth 0.0" in body
     assert 'tledge_model_info{' in body and 'name="tiny-gap-gemm_fp32"' in body and 'backend="ort-cpu"' in body
+
+
+def test_an_endless_body_is_cut_off_after_a_bounded_drain(classifier):
+    """After refusing a body the server reads a little more of it (so a sender slightly over the limit can
+    read its 413), but an endless stream is cut off: bounded in bytes and time."""
+    from tledge_runtime.serve_http import DRAIN_BYTES, DRAIN_SECONDS
+
+    with running(classifier) as srv, socket.create_connection(address(srv), timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (16384, b"x" * 16384)
+        start, sent = time.monotonic(), 0
+        try:
+            while time.monotonic() - start < 20:
+                s.sendall(chunk)
+                sent += 16384
+                time.sleep(0.001)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        took = time.monotonic() - start
+    assert took < DRAIN_SECONDS + 5, f"still accepting the body after {took:.1f} s"
+    # what the kernel buffers on both sides comes on top of what the server read
+    assert sent < MAX_BYTES + DRAIN_BYTES + (16 << 20)
+
+
+def test_a_client_that_expects_100_continue_gets_413_without_sending(classifier):
+    with running(classifier) as srv, socket.create_connection(address(srv), timeout=5) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+                  % (MAX_BYTES * 100))
+        reply = b"".join(iter(lambda: s.recv(65536), b""))
+    # 413 first, not "100 Continue": reading the body (even to discard it) would invite the client to send it
+    assert reply.startswith(b"HTTP/1.1 413") and b"more than the" in reply

@@ -11,7 +11,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from tledge.checkpoint import load_checkpoint
 from tledge.cli import main
 
 from ..datasets import COLOURS, make_dataset
-from ..kills import run_and_kill
+from ..kills import rewritten, run_and_kill_when
 
 NON_UTF8 = os.fsdecode(b"caf\xe9-latin1.png")  # a file name that is not valid UTF-8
 
@@ -185,12 +184,8 @@ def test_repeated_random_sigkills_then_resume_match_an_uninterrupted_run(tmp_pat
     from tledge.finetune import FinetuneConfig, finetune
 
     opts = dict(img_size=32, epochs=5, freeze_epochs=1, batch_size=16, workers=2, seed=3)
-    started = time.monotonic()
     reference = finetune(FinetuneConfig(data=str(make_dataset(tmp_path / "a", per_class=30)), out=str(tmp_path / "ref"),
                                         **opts))
-    # Kill at random moments within the time a run takes here (plus interpreter start-up), so the
-    # kills land in decoding, the head phase, fine-tuning and checkpoint writes whatever the machine's speed.
-    span = time.monotonic() - started + 4.0
     data = make_dataset(tmp_path / "b", per_class=30)
     out = tmp_path / "killed"
     cli = [sys.executable, "-m", "tledge", "finetune", str(data), "--out", str(out)]
@@ -198,17 +193,23 @@ def test_repeated_random_sigkills_then_resume_match_an_uninterrupted_run(tmp_pat
         cli += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "TLEDGE_PROGRESS": "0"}
     rng = random.Random(11)
+    # Kills wait for events the run causes, not for guessed times, so they land in the same phases on a
+    # fast machine and an overloaded one: the first soon after the run folder appears (start-up, decoding,
+    # the head phase), each later one a random moment after the run has written a new checkpoint (the next
+    # epoch's training, or the next checkpoint write). Every resumed run thus finishes one epoch first.
     kills = kills_after_a_checkpoint = 0
-    for _ in range(8):
+    for attempt in range(8):
         resuming = (out / "last.pt").exists()
-        if run_and_kill(cli + (["--resume"] if resuming else []), rng.uniform(0.25, 0.75) * span, env) is not None:
+        if attempt == 0:
+            event, delay = (lambda: out.exists()), rng.uniform(0.5, 3.0)
+        else:  # after a checkpoint, or (when the first kill came before any) as the first one appears
+            event, delay = rewritten(out / "last.pt"), rng.uniform(0.0, 0.4)
+        if run_and_kill_when(cli + (["--resume"] if resuming else []), event, delay, env) is not None:
             break  # it finished before the kill
         kills += 1
         kills_after_a_checkpoint += resuming
         if (out / "last.pt").exists():
             load_checkpoint(out / "last.pt")  # always loadable: checkpoints are written atomically
-        else:
-            span *= 1.5  # a loaded machine: every kill so far came before the first checkpoint; wait longer
     if not (out / "metrics.json").exists():
         done = subprocess.run(cli + (["--resume"] if (out / "last.pt").exists() else []), capture_output=True,
                               text=True, env=env)
