@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import statistics
 import subprocess
@@ -148,7 +147,7 @@ def main() -> None:
             base = ms["224-px array"]
             print(f"\n{precision} ({path.name}, {p.height}x{p.width} {p.interpolation}, {args.threads} threads), "
                   f"median of {args.rounds} interleaved rounds")
-            print(f"| input | ms | x 224-px array | x bare model |\n|---|---|---|---|")
+            print("| input | ms | x 224-px array | x bare model |\n|---|---|---|---|")
             for name, value in ms.items():
                 print(f"| {name} | {value:.2f} | {value / base:.2f} | {value / ms['bare model']:.2f} |")
             results[precision] = ms

@@ -48,8 +48,10 @@ def export_checkpoint(checkpoint: str | Path, config: ExportConfig = ExportConfi
     ckpt = load_checkpoint(path)
     labels, prep = list(ckpt["labels"]), preprocess_of(ckpt)
     run = path.parent
+    # QAT mirrors training images only if fine-tuning did (--hflip, or what --hflip auto decided for this data)
+    mirrored = ckpt.get("hflip", (ckpt.get("config") or {}).get("hflip")) is not False  # older checkpoints: config
     config = replace(config, out=config.out or str(run / "export"), source=str(path),
-                     verification_data=f"held-out val+test split of {run.name}")
+                     verification_data=f"held-out val+test split of {run.name}", qat_hflip=config.qat_hflip and mirrored)
     config.validate(has_calibration=True)  # option errors before any image is decoded
     splits = _run_splits(run, labels)
     verify = _held_out(splits, prep, run, workers)

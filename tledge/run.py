@@ -204,7 +204,8 @@ def model_payload(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint needs to rebuild and describe its model on its own (tensors and plain data only)."""
     return {"arch": run.cfg.arch, "labels": run.splits.classes, "preprocess": run.prep.to_dict(),
             "state_dict": _weights(unwrap(run.model)),
-            "config": run.cfg.to_dict(), "tledge_version": __version__, "epoch": run.state.epoch, "metrics": metrics}
+            "config": run.cfg.to_dict(), "tledge_version": __version__, "epoch": run.state.epoch, "metrics": metrics,
+            "hflip": run.state.hflip}  # whether training mirrored images (--hflip auto decides per dataset)
 
 
 def _weights(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ The eval transform (decode, orient, resize/crop) is not here: it has one impleme
 - :class:`BatchAugment`: random-resized-crop, flips and light brightness/contrast jitter,
   applied to a whole batch of decoded uint8 images at once (see :mod:`tledge.imagecache`).
 - :class:`Normalize`: uint8 NHWC batch -> normalised float NCHW (channels-last memory), with the
-  runtime's own factors (:func:`tledge_runtime.preprocess.normalize_factors`).
+  runtime's own factors; it lives in :mod:`tledge_export.normalize` (QAT there uses it too) and is
+  re-exported here.
 """
 
 from __future__ import annotations
@@ -15,21 +16,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tledge_runtime.meta import Preprocess
-from tledge_runtime.preprocess import normalize_factors
+from tledge_export.normalize import Normalize
 
-
-class Normalize:
-    """uint8 NHWC -> float NCHW in channels-last memory (the fast layout for CPU convolutions)."""
-
-    def __init__(self, p: Preprocess, device: torch.device | str = "cpu"):
-        mul, add = normalize_factors(p)
-        self.mul = torch.from_numpy(mul).to(device).view(1, 3, 1, 1)
-        self.add = torch.from_numpy(add).to(device).view(1, 3, 1, 1)
-
-    def __call__(self, batch_u8: torch.Tensor) -> torch.Tensor:
-        x = batch_u8.permute(0, 3, 1, 2).float()  # a permuted NHWC tensor *is* channels-last NCHW
-        return x.mul_(self.mul).add_(self.add).contiguous(memory_format=torch.channels_last)
+__all__ = ["BatchAugment", "Normalize"]
 
 
 class BatchAugment:

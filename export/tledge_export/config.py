@@ -56,6 +56,7 @@ class ExportConfig:
     max_float_nodes: Optional[int] = None  # accuracy-aware int8 limit; None: a quarter of the quantized nodes; 0: off
     qat: str = "auto"  # off | auto (when post-training int8 misses its budget) | on
     qat_epochs: float = 2.0  # passes over the calibration images during quantization-aware training
+    qat_hflip: bool = True  # QAT also trains on mirrored images (tledge passes the fine-tuning run's own choice)
     reference_images: int = 8  # held-out images embedded in each model for `tledge-runtime check`; 0: synthetic
     verification_data: str = "held-out images"  # what the verification images are, recorded in the metadata
     source: str = ""  # what was exported (e.g. the checkpoint path), recorded in report.json

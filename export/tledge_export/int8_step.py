@@ -82,8 +82,8 @@ def export_qat(job: ExportJob, quantizer: Any, budget: Budget, fmt: str, previou
              len(images))
     try:
         result = qat_int8(job.model, images, job.meta.preprocess, calib_images=images,
-                          config=QATConfig(target=cfg.target, steps=steps), batch=cfg.batch, opset=cfg.opset,
-                          progress=job.progress)
+                          config=QATConfig(target=cfg.target, steps=steps, hflip=cfg.qat_hflip), batch=cfg.batch, opset=cfg.opset,
+                          progress=job.progress, quantize=False)  # quantized below, by the accuracy-aware search
     except ExportError as e:
         if previous is None:
             raise

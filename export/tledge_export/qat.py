@@ -38,7 +38,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import onnx
@@ -46,6 +46,9 @@ from tledge_runtime.meta import Preprocess, Quantization
 
 from .errors import ExportError
 from .qat_fold import fold_batchnorm, unactivated_convs
+
+if TYPE_CHECKING:  # torch loads only when QAT runs
+    from .normalize import Normalize
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +94,16 @@ class QATConfig:
 class QATResult:
     """The int8 QDQ model and what describes it (for the metadata and report.json)."""
 
-    model: onnx.ModelProto  # the int8 QDQ graph, input ``input`` NCHW float32, output ``logits``
+    model: Optional[onnx.ModelProto]  # the int8 QDQ graph, input ``input`` NCHW float32, output ``logits``
     float_model: onnx.ModelProto  # the fine-tuned weights as an fp32 graph (for accuracy-aware int8 on top)
-    quantization: Quantization  # method "qat"; the rest as post-training int8 records it
+    quantization: Optional[Quantization]  # method "qat"; the rest as post-training int8 records it
     details: dict[str, Any] = field(default_factory=dict)  # library, steps, distillation, losses, seconds
 
 
 def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: Optional[np.ndarray] = None,
              calib_images: Optional[np.ndarray] = None, config: QATConfig = QATConfig(),
-             batch: Optional[int] = None, opset: int = 18, progress: Optional[Callable[..., Any]] = None) -> QATResult:
+             batch: Optional[int] = None, opset: int = 18, progress: Optional[Callable[..., Any]] = None,
+             quantize: bool = True) -> QATResult:
     """Fine-tune a copy of ``model`` through simulated int8 with ``model`` as teacher; return the int8 QDQ ONNX.
 
     ``model``: the fp32 PyTorch classifier (left unchanged); ``images``: uint8 NHWC training images at
@@ -108,10 +112,14 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     indices, needed only when ``config.label_weight > 0``. ``calib_images`` (uint8 NHWC) set the
     activation ranges, in training and in the exported graph: pass the images post-training int8
     calibrates on; default: ``config.calibration_images`` of ``images`` in a seeded order. ``batch``: the exported graph's fixed batch,
-    None for a dynamic batch axis. ``progress``: a tqdm-like factory, optional.
+    None for a dynamic batch axis. ``progress``: a tqdm-like factory, optional. ``quantize=False``: return
+    only the fine-tuned fp32 graph (``model`` and ``quantization`` None), for a caller that quantizes it
+    itself (:func:`tledge_export.int8_step.export_qat` runs the accuracy-aware search on it).
     Raises :class:`ExportError` when the library is missing or the inputs do not fit.
     """
     import torch
+
+    from .normalize import Normalize
 
     config.validate()
     mtq = _modelopt()
@@ -123,7 +131,7 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(x_all))
-    normalize = _Normalize(preprocess)
+    normalize = Normalize(preprocess)
 
     teacher = copy.deepcopy(model).float().cpu().eval()
     student = copy.deepcopy(teacher)
@@ -145,13 +153,13 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     lap("train")
     state = {k: v for k, v in student.state_dict().items() if k in clean.state_dict()}
     clean.load_state_dict(state, strict=True)
-    fp32, qdq, quant = _export(clean.eval(), calib, normalize, preprocess, config.target, batch, opset)
+    fp32, qdq, quant = _export(clean.eval(), calib, normalize, preprocess, config.target, batch, opset, quantize)
     lap("export")
     details = _details(config, len(x_all), len(calib), folded, quantizers, losses, time.perf_counter() - started,
                        phases.seconds)
     log.info("QAT: %d steps in %.0f s, loss %.4f -> %.4f", config.steps, details["seconds"], losses[0],
              details["loss_last"])
-    return QATResult(qdq, fp32, replace(quant, method="qat"), details)
+    return QATResult(qdq, fp32, replace(quant, method="qat") if quant else None, details)
 
 
 class _Phases:
@@ -181,25 +189,6 @@ def _details(config: QATConfig, images: int, calibration: int, folded: int, quan
 
 # --- the steps ------------------------------------------------------------------------------------
 
-class _Normalize:
-    """uint8 NHWC batch -> normalized float NCHW tensor, with the runtime's exact factors."""
-
-    def __init__(self, p: Preprocess):
-        import torch
-        from tledge_runtime.preprocess import normalize_factors
-
-        mul, add = normalize_factors(p)
-        self.mul = torch.from_numpy(mul).view(1, 3, 1, 1)
-        self.add = torch.from_numpy(add).view(1, 3, 1, 1)
-
-    def __call__(self, batch_u8: np.ndarray, flip: bool = False) -> Any:
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(batch_u8)).permute(0, 3, 1, 2).float()
-        x = x * self.mul + self.add
-        return x.flip(3) if flip else x
-
-
 def _check_images(images: np.ndarray, p: Preprocess) -> np.ndarray:
     x = np.asarray(images)
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (p.height, p.width, 3):
@@ -210,13 +199,13 @@ def _check_images(images: np.ndarray, p: Preprocess) -> np.ndarray:
     return x
 
 
-def _batched(net: Any, x_u8: np.ndarray, normalize: _Normalize, *, flip: bool = False) -> Any:
+def _batched(net: Any, x_u8: np.ndarray, normalize: Normalize, *, flip: bool = False) -> Any:
     import torch
 
     return torch.cat([net(normalize(x_u8[i:i + TEACHER_BATCH], flip)) for i in range(0, len(x_u8), TEACHER_BATCH)])
 
 
-def _quantize(mtq: Any, student: Any, calib: np.ndarray, normalize: _Normalize, target: str) -> dict[str, int]:
+def _quantize(mtq: Any, student: Any, calib: np.ndarray, normalize: Normalize, target: str) -> dict[str, int]:
     """Insert ModelOpt's fake quantizers where ONNX Runtime puts Q/DQ and calibrate them (one pass over
     ``calib``); returns their counts by kind."""
     import torch
@@ -275,7 +264,7 @@ def _register_subclasses(mtq: Any, net: Any) -> None:
 
 
 def _train(student: Any, x_u8: np.ndarray, labels: Optional[np.ndarray], targets: dict[bool, Any],
-           normalize: _Normalize, cfg: QATConfig, rng: np.random.Generator,
+           normalize: Normalize, cfg: QATConfig, rng: np.random.Generator,
            progress: Optional[Callable[..., Any]]) -> list[float]:
     """Distillation through fake quantization: AdamW, cosine learning rate, seeded batches."""
     import torch
@@ -315,9 +304,11 @@ def _train(student: Any, x_u8: np.ndarray, labels: Optional[np.ndarray], targets
     return losses
 
 
-def _export(clean: Any, calib: np.ndarray, normalize: _Normalize, p: Preprocess, target: str,
-            batch: Optional[int], opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto, Quantization]:
-    """The fine-tuned float model -> fp32 ONNX -> ONNX Runtime QDQ (minmax on the calibration images)."""
+def _export(clean: Any, calib: np.ndarray, normalize: Normalize, p: Preprocess, target: str,
+            batch: Optional[int], opset: int, quantize: bool,
+            ) -> tuple[onnx.ModelProto, Optional[onnx.ModelProto], Optional[Quantization]]:
+    """The fine-tuned float model -> fp32 ONNX -> (``quantize``) ONNX Runtime QDQ, minmax on the calibration
+    images."""
     import torch
 
     from .int8 import Quantizer
@@ -326,6 +317,8 @@ def _export(clean: Any, calib: np.ndarray, normalize: _Normalize, p: Preprocess,
     with torch.no_grad():
         num_classes = int(clean(normalize(calib[:1])).shape[1])
     fp32 = export_onnx(clean, p, num_classes, batch=batch, opset=opset)
+    if not quantize:
+        return fp32, None, None
     x_calib = np.concatenate([normalize(calib[i:i + TEACHER_BATCH]).numpy() for i in range(0, len(calib), TEACHER_BATCH)])
     with Quantizer(fp32, x_calib, target=target, method="minmax", fixed_batch=batch) as q:
         return fp32, q.quantize(), q.metadata()

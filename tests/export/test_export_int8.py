@@ -99,6 +99,7 @@ def test_quantization_aware_int8_through_the_cli(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     int8 = next(f for f in json.loads(result.stdout)["formats"] if f["format"] == "int8")
     assert int8["qat"]["library"].startswith("nvidia-modelopt") and int8["qat"]["steps"] == 1
+    assert int8["qat"]["hflip"] is True  # as the run trained (its classes look the same mirrored)
     assert "post_training" not in int8  # asked for: no post-training attempt first
     meta = read_meta(out / "model.int8.onnx")
     assert meta.quantization.method == "qat" and meta.quantization.activation_type == "uint8"

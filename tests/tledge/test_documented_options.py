@@ -73,6 +73,14 @@ def test_hflip_auto_turns_mirroring_off_when_the_mirror_is_another_class(tmp_pat
     assert metrics["hflip"] is False and metrics["config"]["hflip"] is None  # auto decided: off
     log = (out / "train.log").read_text()
     assert "hflip auto: off" in log
+    assert torch.load(out / "best.pt", weights_only=True)["hflip"] is False  # the decision travels with the weights
+    # ... to quantization-aware training, which then does not train on mirrored images either
+    pytest.importorskip("modelopt")
+    result = _invoke(["export", str(out / "best.pt"), "--out", str(tmp_path / "qat"), "--int8", "--qat", "on",
+                      "--qat-epochs", "1", "--calib-size", "16", "--budget", "100", "--min-agreement", "0", "--json",
+                      "--workers", "2"])
+    int8 = next(f for f in json.loads(result.stdout)["formats"] if f["format"] == "int8")
+    assert int8["qat"]["hflip"] is False
 
 
 def test_hflip_auto_keeps_mirroring_for_symmetric_classes(tiny_run):
