@@ -34,6 +34,7 @@ from tledge_runtime.meta import Preprocess
 from .artifact import check, name_nodes
 from .config import EXPORTERS
 from .errors import ExportError
+from .static_padding import static_same_padding
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def export_onnx(model: torch.nn.Module, preprocess: Preprocess, num_classes: int
         r = OPSETS[exporter]
         raise ExportError(f"the {exporter} exporter writes opsets {r.start}..{r.stop - 1}, not {opset}",
                           hint="use --opset 18" + (" or --exporter torchscript" if exporter == "dynamo" else ""))
-    model = model.eval().float().cpu()
+    model = static_same_padding(model.eval().float().cpu(), preprocess.height, preprocess.width)
     # Trace with 2 images when the batch is dynamic, so no exporter specializes the batch axis to 1.
     example = torch.zeros(batch or 2, 3, preprocess.height, preprocess.width)
     try:

@@ -113,36 +113,75 @@ def test_exporter_refuses_an_opset_it_cannot_write():
         export_onnx(_Tiny(), Preprocess(height=16, width=16), 4, opset=21, exporter="torchscript")
 
 
-def test_efficientnet_lite1_exports_the_numbers_pytorch_computes(caplog):
-    """onnxslim 0.1.98 fuses EfficientNet-Lite1's graph into one whose logits are ~0.1 off (found when a real
-    ELPV Lite1 run failed its fp32 export); the simplified graph is checked and the exported one kept."""
+def _lite1():
     from tledge.models import create_model, default_preprocess
 
     torch.manual_seed(0)
-    model = create_model("efficientnet_lite1", 2, weights="none").eval()
-    p = default_preprocess("efficientnet_lite1")
+    return create_model("efficientnet_lite1", 2, weights="none").eval(), default_preprocess("efficientnet_lite1")
+
+
+def _as_traced(model, p):
+    """The graph as the tracer writes it from timm's dynamic TF-"same" padding: no static padding, no onnxslim."""
+    from tledge_export.onnx_export import _torchscript
+
+    with torch.no_grad():
+        return _torchscript(model, torch.zeros(2, 3, p.height, p.width), None, 18)
+
+
+def test_efficientnet_lite1_exports_a_static_graph_with_the_numbers_pytorch_computes():
+    """timm computes EfficientNet-Lite's TF-"same" padding from the input's shape at run time; the input size is
+    fixed, so export makes it constant: no shape arithmetic in the graph, the same logits."""
+    model, p = _lite1()
     x = torch.randn(2, 3, p.height, p.width)
     with torch.no_grad():
         expected = model(x).numpy()
-    with caplog.at_level("WARNING", logger="tledge_export"):
-        proto = export_onnx(model, p, 2)
+    proto = export_onnx(model, p, 2)
+    assert {n.op_type for n in proto.graph.node} <= {"Conv", "Clip", "Add", "GlobalAveragePool", "Flatten", "Gemm"}
+    assert {n.op_type for n in _as_traced(model, p).graph.node} >= {"Shape", "Ceil", "Pad"}  # what it replaced
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, atol=FP32_ATOL, rtol=FP32_RTOL)
-    assert "onnxslim changed the graph's outputs" in caplog.text  # the guard, not luck, kept it right
+
+
+@pytest.mark.parametrize("size", [(33, 37), (64, 48)])
+def test_static_same_padding_computes_what_timm_computes(size):
+    """Odd and even sizes (the odd pixel of TF-"same" padding goes right/bottom); the caller's model is untouched."""
+    from timm.layers import Conv2dSame
+    from tledge.models import create_model
+    from tledge_export.static_padding import static_same_padding
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 3, weights="none").eval()
+    static = static_same_padding(model, *size)
+    assert not any(isinstance(m, Conv2dSame) for m in static.modules())
+    assert any(isinstance(m, Conv2dSame) for m in model.modules())
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(static(x), model(x), atol=0, rtol=0)
+    assert static_same_padding(_Tiny(), 16, 16).__class__ is _Tiny  # nothing to replace: the model itself
+
+
+def test_simplify_keeps_the_graph_as_exported_when_onnxslim_changes_its_numbers(caplog):
+    """onnxslim 0.1.98 folds EfficientNet-Lite1's traced dynamic-padding graph into one whose logits are ~0.1 off
+    (found when a real ELPV Lite1 run failed its fp32 export); the simplified graph is checked and dropped."""
+    from tledge_export.onnx_export import simplify
+
+    model, p = _lite1()
+    traced = _as_traced(model, p)
+    with caplog.at_level("WARNING", logger="tledge_export"):
+        kept = simplify(traced)
+    assert "onnxslim changed the graph's outputs" in caplog.text and kept is traced
 
 
 def test_int8_sensitivity_ranks_an_unsimplified_lite1_graph():
-    """The graph kept as exported computes EfficientNet-Lite's "same" padding from shapes; int8 quantizes
-    some of that scalar arithmetic. The accuracy-aware ranking must rank image activations and skip it."""
-    from tledge.models import create_model, default_preprocess
+    """A graph that computes padding from shapes (as traced from timm, before export makes it static; a user's
+    model may do the same): int8 quantizes some of that scalar arithmetic. The accuracy-aware ranking must rank
+    image activations and skip it."""
     from tledge_export.int8 import Quantizer
     from tledge_export.sensitivity import rank_nodes
 
-    torch.manual_seed(0)
-    model = create_model("efficientnet_lite1", 2, weights="none").eval()
-    p = default_preprocess("efficientnet_lite1")
-    proto = export_onnx(model, p, 2)
+    model, p = _lite1()
+    proto = _as_traced(model, p)
     calib = np.random.default_rng(0).standard_normal((4, 3, p.height, p.width)).astype(np.float32)
     with Quantizer(proto, calib) as q:
         ranking = rank_nodes(q.quantize(), calib, float_model=proto)
