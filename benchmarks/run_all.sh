@@ -32,21 +32,22 @@ step predictions_parity python benchmarks/predictions_parity.py "$DEMO/best.pt" 
 # The on-device check and device="auto" on the demo's export (issue 12).
 step device_check python benchmarks/device_check.py "$DEMO/export" --json "$OUT/device_check.json"
 # Accuracy (issue 13): the default recipe over three ELPV splits, int8 (with QAT when needed) for each;
-# EfficientNet-Lite2 with the demo's defect-friendly options; the default on a second dataset (digits).
+# the default on a second dataset (digits).
 step elpv_default python benchmarks/recipe_elpv.py --seeds 0 1 2 --export --out "$OUT/elpv-default" \
   --json "$OUT/elpv_default.json"
-step elpv_lite2 python benchmarks/recipe_elpv.py --seeds 0 1 2 --out "$OUT/elpv-lite2" --json "$OUT/elpv_lite2.json" \
-  --extra "--arch efficientnet_lite2 --epochs 12 --freeze-epochs 2 --crop-scale 0.8 --vflip --adapt-bn --patience 0"
 step digits python benchmarks/recipe_digits.py --seed 0 --out "$OUT/digits" --json "$OUT/digits.json"
-# Lite1 and Lite2 rows: accuracy against latency, fp32 and int8 (Lite2: seed 0 of the run above; Lite1 trained here).
-step lite1_train tledge finetune "$OUT/elpv-default/data-0" --arch efficientnet_lite1 --crop-scale 0.8 --vflip \
-  --adapt-bn --out "$OUT/lite1"
-for run in "$OUT/lite1" "$OUT/elpv-lite2/run-0"; do
-  name=$(basename "$(dirname "$run")")-$(basename "$run")
-  step "export_$name" tledge export "$run/best.pt" --int8
-  step "bench_$name" tledge benchmark "$run" --data "$OUT/elpv-default/data-0/test" --backend ort-cpu,openvino \
+# Lite1 and Lite2 rows (RESULTS §2b): the default recipe at each architecture's own size on split seed 0, int8
+# export, then accuracy against latency for Lite0 (seed 0 above), Lite1 and Lite2; Lite2 again with a longer QAT.
+for arch in lite1 lite2; do
+  step "${arch}_train" tledge finetune "$OUT/elpv-default/data-0" --arch "efficientnet_$arch" --out "$OUT/$arch"
+  step "${arch}_export" tledge export "$OUT/$arch/best.pt" --int8
+done
+for run in "$OUT/elpv-default/run-0" "$OUT/lite1" "$OUT/lite2"; do
+  name=$(basename "$run")
+  step "bench_$name" tledge benchmark "$run" --data "$OUT/elpv-default/data-0" --backend ort-cpu,openvino \
     --plot "$OUT/bench_$name.png"
 done
+step lite2_qat6 tledge export "$OUT/lite2/best.pt" --int8 --qat on --qat-epochs 6 --out "$OUT/lite2/export-qat6"
 step qat_elpv python benchmarks/qat_elpv.py "$OUT/elpv-default/run-0/best.pt" --steps 40 --lr 1e-5 --train-images 320 \
   --out "$OUT/qat_elpv.json"
 # Speed, side by side.

@@ -132,11 +132,14 @@ def budget_hint(fmt: str, v: Verification, details: dict[str, Any]) -> str:
     aware = details.get("accuracy_aware") or details.get("post_training", {})
     used = details.get("quantization", {}).get("method")
     others = " or ".join(m for m in METHODS if m != used)
-    if "qat" in details:
-        tried = (f"post-training int8 (up to {aware.get('limit', 0)} node(s) kept in float) and " if aware else "")
-        return (f"{tried}quantization-aware training ({details['qat'].get('steps')} steps) both missed it: try "
-                f"--qat-epochs 4, a larger --calib-size, --calib-method {others}, a looser --budget / "
-                f"--min-agreement, or ship fp16, which keeps accuracy ({few})")
+    if "qat" in details:  # accuracy_aware is then the search on the QAT weights; post_training what came before
+        post, search = details.get("post_training"), details.get("accuracy_aware") or {}
+        qat = (f"quantization-aware training ({details['qat'].get('steps')} steps"
+               + (f", then up to {search['limit']} node(s) kept in float)" if search.get("limit") else ")"))
+        what = (f"post-training int8 (up to {post.get('limit', 0)} node(s) kept in float) and {qat} both missed it"
+                if post else f"{qat} missed it")
+        return (f"{what}: try a longer QAT (a larger --qat-epochs), a larger --calib-size, --calib-method {others}, "
+                f"a looser --budget / --min-agreement, or ship fp16, which keeps accuracy ({few})")
     limit = aware.get("limit", 0)
     if limit:
         kept = (f"accuracy-aware int8 tried up to {limit} node(s) in float (its limit) without meeting it, "

@@ -116,3 +116,18 @@ def test_agreement_is_part_of_the_budget():
     strict = compare(swapped, reference, labels, Budget.accuracy(0.0, min_agreement=99.0))
     assert lenient.passed and lenient.accuracy == strict.accuracy_reference
     assert not strict.passed and "agreement with PyTorch 0.00% < 99%" in strict.failures[0]
+
+
+def test_the_hint_after_a_missed_qat_names_only_what_was_tried():
+    """--qat on skips post-training int8: the hint must not say it ran; after --qat auto it names both."""
+    from tledge_export.steps import budget_hint
+
+    v = Verification(images=852, max_abs_diff=0.5, mean_abs_diff=0.1, agreement=0.987, accuracy_reference=0.87,
+                     accuracy=0.868, budget=Budget(kind="accuracy"), passed=False)
+    qat_only = budget_hint("int8", v, {"qat": {"steps": 113}, "accuracy_aware": {"limit": 21},
+                                       "quantization": {"method": "minmax"}})
+    assert qat_only.startswith("quantization-aware training (113 steps, then up to 21 node(s) kept in float) missed")
+    assert "post-training" not in qat_only and "--calib-method entropy or percentile" in qat_only
+    both = budget_hint("int8", v, {"qat": {"steps": 38}, "post_training": {"limit": 16},
+                                   "accuracy_aware": {"limit": 21}, "quantization": {"method": "minmax"}})
+    assert both.startswith("post-training int8 (up to 16 node(s) kept in float) and quantization-aware training")
