@@ -113,8 +113,10 @@ def search(quantize: Callable[[Sequence[str]], onnx.ModelProto],
     passing = [c for c, a in tried.items() if a.parity.passed]
     if passing:
         best = min(passing)
-    else:  # report the closest miss: highest accuracy, then fewest float nodes
-        best = max(tried, key=lambda c: (tried[c].parity.accuracy, -c))
+    else:  # report the closest miss, the all-int8 model included: fewest failed checks, then most answers
+        models[0], tried[0] = base, attempts[0]  # kept, then highest accuracy, then fewest float nodes
+        best = min(tried, key=lambda c: (len(tried[c].parity.failures), -tried[c].parity.agreement,
+                                         -tried[c].parity.accuracy, c))
     result.model, result.parity, result.float_nodes = models[best], tried[best].parity, tried[best].float_nodes
     return result
 

@@ -131,3 +131,26 @@ def test_the_hint_after_a_missed_qat_names_only_what_was_tried():
     both = budget_hint("int8", v, {"qat": {"steps": 38}, "post_training": {"limit": 16},
                                    "accuracy_aware": {"limit": 21}, "quantization": {"method": "minmax"}})
     assert both.startswith("post-training int8 (up to 16 node(s) kept in float) and quantization-aware training")
+
+
+def test_a_search_that_never_meets_the_budget_reports_the_closest_miss():
+    """Closest = fewest failed checks, then the most answers kept: here the all-int8 model (one failed check,
+    98.8% agreement) beats candidates with float nodes and higher accuracy but lower agreement (an ELPV Lite2
+    export reported a 98.4% candidate while all-int8 had reached 98.8%)."""
+    agreement = {0: 0.988, 1: 0.986, 2: 0.984, 4: 0.985}
+    accuracy = {0: 0.86, 1: 0.865, 2: 0.87, 4: 0.868}
+
+    def quantize(float_nodes):
+        model = onnx.ModelProto()
+        model.doc_string = str(len(float_nodes))
+        return model
+
+    def evaluate(model):
+        k = int(model.doc_string)
+        return Verification(images=852, max_abs_diff=0.5, mean_abs_diff=0.1, agreement=agreement[k],
+                            accuracy_reference=0.87, accuracy=accuracy[k], budget=Budget.accuracy(1.0), passed=False,
+                            failures=("agreement",)), 1.0
+
+    found = search(quantize, evaluate, lambda model: [(f"n{i}", 1.0) for i in range(10)], max_float_nodes=4)
+    assert not found.met and found.float_nodes == () and found.parity.agreement == 0.988
+
