@@ -48,6 +48,11 @@ for run in "$OUT/elpv-default/run-0" "$OUT/lite1" "$OUT/lite2"; do
     --plot "$OUT/bench_$name.png"
 done
 step lite2_qat6 tledge export "$OUT/lite2/best.pt" --int8 --qat on --qat-epochs 6 --out "$OUT/lite2/export-qat6"
+# The best architecture on seed 0 (Lite1) on the other two splits (RESULTS §2; seed 0 is the lite1 run above).
+mkdir -p "$OUT/elpv-lite1"
+for s in 1 2; do ln -sfn "$OUT/elpv-default/data-$s" "$OUT/elpv-lite1/data-$s"; done
+step elpv_lite1_seeds12 python benchmarks/recipe_elpv.py --seeds 1 2 --extra "--arch efficientnet_lite1" --export \
+  --out "$OUT/elpv-lite1" --json "$OUT/elpv_lite1_seeds12.json"
 step qat_elpv python benchmarks/qat_elpv.py "$OUT/elpv-default/run-0/best.pt" --steps 40 --lr 1e-5 --train-images 320 \
   --out "$OUT/qat_elpv.json"
 # Speed, side by side.
