@@ -3,9 +3,9 @@
 Two flavours, because the fast int8 kernels of CPUs and of TensorRT want different things:
 
 - ``cpu``: uint8 activations (asymmetric, so ReLU outputs use all 256 levels), int8
-  per-channel symmetric weights, int32-quantized biases. ONNX Runtime's recommendation
-  for x86 with VNNI and for ARM; ``reduce_range`` stays off (it only helps pre-VNNI x86
-  and costs a bit of weight precision everywhere else).
+  per-channel symmetric weights, int32-quantized biases: ONNX Runtime's recommendation for x86
+  and ARM. Weights use 7 bits (``reduce_range``, :data:`~tledge_export.config.WEIGHT_BITS`): x86
+  CPUs without VNNI saturate full-range u8 x s8 products, and the file must run right on any CPU.
 - ``tensorrt``: int8 activations *and* weights, both symmetric (zero point 0), weights
   per channel, biases left in float (``QuantizeBias=False``). TensorRT's explicit
   quantization accepts only symmetric int8 Q/DQ, and its ONNX parser rejects
@@ -34,7 +34,7 @@ from tledge_runtime.batching import batches
 from tledge_runtime.meta import Quantization
 
 from .artifact import name_nodes, prune_opsets
-from .config import METHODS, TARGETS
+from .config import METHODS, TARGETS, WEIGHT_BITS
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class Quantizer:
             chunk = CALIB_BATCH if self.method == "minmax" else HISTOGRAM_BATCH
             quantize_static(str(self._prepared), str(self._output),
                             _Reader(self.input_name, self.calib, self.fixed_batch, chunk),
-                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
+                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=WEIGHT_BITS == 7,
                             activation_type=QuantType.QUInt8 if f.activation_type == "uint8" else QuantType.QInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes),
                             calibrate_method=methods[self.method], extra_options=extra,

@@ -11,8 +11,8 @@ which is what tledge's budget measures.
 Library: NVIDIA Model Optimizer (``nvidia-modelopt``, extra ``tledge-export[qat]``)
 provides the fake quantizers, their calibration and the straight-through estimator.
 Its int8 is the scheme of tledge's ``tensorrt`` flavour exactly (symmetric s8 activations,
-``amax / 127``; symmetric per-channel weights, ``max|w| / 127``, recomputed every step as
-ONNX Runtime computes them at export). For the ``cpu`` flavour, activations that are never
+``amax / 127``; symmetric per-channel 7-bit weights, ``max|w| / 63`` (ONNX Runtime's reduced range is
+``max|w| / 64``), recomputed every step as ONNX Runtime computes them at export). For the ``cpu`` flavour, activations that are never
 negative (ReLU/ReLU6 outputs, most of a CNN) are simulated as unsigned, ``max / 255``: what
 ONNX Runtime's asymmetric u8 gives them; signed ones are simulated symmetric, a grid
 no finer than the asymmetric one they get at export.
@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 from tledge_runtime.meta import Preprocess, Quantization
 
+from .config import WEIGHT_BITS
 from .errors import ExportError
 from .qat_fold import fold_batchnorm, unactivated_convs
 
@@ -211,7 +212,8 @@ def _quantize(mtq: Any, student: Any, calib: np.ndarray, normalize: Normalize, t
     import torch
 
     outputs = unactivated_convs(student, normalize(calib[:2]))
-    weight = {"num_bits": 8, "axis": 0, "type": "dynamic"}  # max|w| per output channel, every step, as at export
+    # max|w| per output channel, every step, on the grid the export uses (7-bit weights: tledge_export.config)
+    weight = {"num_bits": WEIGHT_BITS, "axis": 0, "type": "dynamic"}
     act = {"num_bits": 8, "axis": None}
     cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
                          {"quantizer_name": "*weight_quantizer", "cfg": weight},
