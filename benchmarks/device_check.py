@@ -28,10 +28,11 @@ from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
+
 from tledge_export.artifact import embed_meta, read_meta
-from tledge_export.references import MAX_BYTES, MAX_FRACTION, size_of
+from tledge_export.verify.references import MAX_BYTES, MAX_FRACTION, size_of
+from tledge_runtime.backends.ov import cpu_supports_bf16
 from tledge_runtime.model_check import check_model
-from tledge_runtime.openvino_backend import cpu_supports_bf16
 
 COLD = """
 import time; t0 = time.perf_counter()

@@ -97,8 +97,8 @@ def naive_loop(data: Path, *, arch: str, img_size: int, epochs: int, frozen: boo
 
 def tledge_loop(data: Path, out: Path, *, arch: str, img_size: int, epochs: int, frozen: bool, batch_size: int,
                 lr: float, seed: int, workers: int) -> dict:
-    from tledge.checkpoint import load_checkpoint, model_from_checkpoint
-    from tledge.finetune import FinetuneConfig, finetune
+    from tledge.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from tledge.train.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(data=str(data), arch=arch, img_size=img_size, epochs=epochs,
                          freeze_epochs=epochs if frozen else 0, batch_size=batch_size, lr=lr,
@@ -113,9 +113,8 @@ def tledge_loop(data: Path, out: Path, *, arch: str, img_size: int, epochs: int,
 
 def test_accuracy(model: torch.nn.Module, data: Path, arch: str, img_size: int, classes: list[str]) -> float:
     """Accuracy on DATA/test with tledge's eval preprocessing, identical for both models."""
-    from tledge_runtime.preprocess import preprocess
-
     from tledge.models import default_preprocess
+    from tledge_runtime.image.preprocess import preprocess
 
     p = default_preprocess(arch, img_size)
     model.eval()

@@ -42,7 +42,7 @@ fi
 
 python - <<'EOF'
 import tensorrt, torch
-from tledge_runtime.backends import cuda_device_count
+from tledge_runtime.backends.loader import cuda_device_count
 print(f"TensorRT {tensorrt.__version__}, torch {torch.__version__}, CUDA GPUs (cuda-python): {cuda_device_count()}")
 assert cuda_device_count(), "cuda-python sees no GPU"
 EOF
@@ -89,12 +89,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from tledge.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
-from tledge.data import Splits
-from tledge.imagecache import decode_images
+from tledge.train.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
+from tledge.data.folders import Splits
+from tledge.data.imagecache import decode_images
 from tledge_runtime import Classifier
-from tledge_runtime.engine_file import read_engine
-from tledge_runtime.preprocess import Normalizer
+from tledge_runtime.backends.engine_file import read_engine
+from tledge_runtime.image.preprocess import Normalizer
 
 run, export, baked = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 statuses, cache_size = (int(sys.argv[4]), int(sys.argv[5])), int(sys.argv[6])

@@ -56,8 +56,7 @@ def _comparable(history: list[dict]) -> list[dict]:
 def finetune_campaign(work: Path, kills_wanted: int, rng: random.Random, env: dict) -> dict:
     from tests.datasets import make_dataset
     from tests.kills import run_and_kill
-
-    from tledge.checkpoint import load_checkpoint
+    from tledge.train.checkpoint import load_checkpoint
 
     data = make_dataset(work / "data", per_class=30)
     t0 = time.monotonic()
@@ -100,6 +99,7 @@ def finetune_campaign(work: Path, kills_wanted: int, rng: random.Random, env: di
 def _check_export_folder(folder: Path) -> tuple[list[str], list[str]]:
     """(complete model names, problems)."""
     import onnx
+
     from tledge_export.artifact import read_meta
 
     names, problems = [], []

@@ -38,10 +38,10 @@ BASE_COMMIT = "a5d733c"  # the last commit before the single preprocessing path
 def make_models(work: Path) -> dict[str, Path]:
     """fp32 and int8 (CPU flavour) ONNX of an ImageNet EfficientNet-Lite0 with a 2-class head, 224 px."""
     import torch
-    from tledge_export import ExportConfig, export_model
-    from tledge_runtime.meta import ModelMeta, Provenance
 
     from tledge.models import create_model, default_preprocess
+    from tledge_export import ExportConfig, export_model
+    from tledge_runtime.model.meta import ModelMeta, Provenance
 
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", 2, "imagenet").eval()
@@ -100,7 +100,8 @@ def interleaved(rows: dict, rounds: int) -> dict[str, float]:
 def reduction_error(frame: np.ndarray, p) -> tuple[int, float]:
     """Max and mean |difference| in grey levels between reducing_gap=2 and a full-size resample."""
     from PIL import Image
-    from tledge_runtime.preprocess import _RESAMPLE, plan
+
+    from tledge_runtime.image.preprocess import _RESAMPLE, plan
 
     img = Image.fromarray(frame)
     pl = plan(img.size[0], img.size[1], p)
@@ -117,8 +118,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from PIL import Image
+
     from tledge_runtime import Classifier
-    from tledge_runtime.preprocess import Normalizer
+    from tledge_runtime.image.preprocess import Normalizer
 
     with tempfile.TemporaryDirectory(prefix="tledge-prep-") as tmp:
         work = Path(tmp)

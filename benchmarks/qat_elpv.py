@@ -5,7 +5,7 @@
 
 For the run's checkpoint: the fp32 ONNX, the post-training int8 QDQ model (ONNX Runtime,
 minmax, on the same stratified 300 training images `tledge export` calibrates on, no
-nodes kept in float) and the QAT int8 model (:func:`tledge_export.qat.qat_int8` on the
+nodes kept in float) and the QAT int8 model (:func:`tledge_export.int8.qat.qat_int8` on the
 run's training images, the same calibration images). Each is run with ONNX Runtime on
 the images `tledge export` verifies on (the run's val + test split) and compared with
 PyTorch fp32: accuracy, accuracy delta, top-1 agreement and the images that changed class.
@@ -42,20 +42,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("tledge", "tledge_export.int8", "tledge_export.onnx_export"):
+    for noisy in ("tledge", "tledge_export.int8.quantize", "tledge_export.convert.onnx_export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import onnx
     import onnxruntime as ort
     import torch
-    from tledge_export.int8 import Quantizer
-    from tledge_export.onnx_export import export_onnx
-    from tledge_export.qat import QATConfig, qat_int8
-    from tledge_runtime.preprocess import Normalizer
 
-    from tledge.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
-    from tledge.data import Splits, stratified_sample
-    from tledge.imagecache import decode_images
+    from tledge.data.folders import Splits, stratified_sample
+    from tledge.data.imagecache import decode_images
+    from tledge.train.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
+    from tledge_export.convert.onnx_export import export_onnx
+    from tledge_export.int8.qat import QATConfig, qat_int8
+    from tledge_export.int8.quantize import Quantizer
+    from tledge_runtime.image.preprocess import Normalizer
 
     ckpt = load_checkpoint(args.checkpoint)
     prep, labels = preprocess_of(ckpt), list(ckpt["labels"])

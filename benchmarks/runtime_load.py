@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from tledge_runtime import Classifier
 from tledge_runtime.errors import ImageError
 
@@ -59,7 +60,8 @@ def stand_in_model(path: Path, size: int = 224) -> Path:
     """Conv(3->16, 7x7, /2) -> ReLU -> Conv(16->32, 3x3, /2) -> ReLU -> GAP -> Gemm, with tledge metadata."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from tledge_runtime.meta import ONNX_KEY, ModelMeta, Preprocess, Provenance
+
+    from tledge_runtime.model.meta import ONNX_KEY, ModelMeta, Preprocess, Provenance
 
     rng = np.random.default_rng(0)
     w1 = np.zeros((16, 3, 7, 7), np.float32)
@@ -294,7 +296,7 @@ class ServerProcess:
 
 def old_server_source(folder: Path) -> Path | None:
     try:
-        text = subprocess.run(["git", "show", f"{OLD_COMMIT}:runtime/tledge_runtime/serve.py"], cwd=ROOT,
+        text = subprocess.run(["git", "show", f"{OLD_COMMIT}:runtime/tledge_runtime/serve/server.py"], cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         print(f"(the old server is not available from git: {e}; its columns stay empty)")

@@ -56,7 +56,7 @@ print(time.perf_counter() - t0)
 
 
 def make_run(data: Path, work: Path) -> Path:
-    from tledge.finetune import FinetuneConfig, finetune
+    from tledge.train.finetune import FinetuneConfig, finetune
 
     run = work / "resnet18"
     finetune(FinetuneConfig(data=str(data), arch="resnet18", weights="none", img_size=224, epochs=3, freeze_epochs=3,
@@ -65,9 +65,8 @@ def make_run(data: Path, work: Path) -> Path:
 
 
 def export_run(run: Path) -> None:
-    from tledge_export import ExportConfig
-
     from tledge.exporting import export_checkpoint
+    from tledge_export import ExportConfig
 
     if all((run / "export" / n).is_file() for n in ("model.onnx", "model.fp16.onnx", "model.int8.onnx")):
         return
@@ -121,7 +120,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("TLEDGE_PROGRESS", "0")
-    from tledge.benchmark import benchmark, machine_info, to_markdown
+    from tledge.evaluation.benchmark import benchmark, machine_info, to_markdown
 
     work = Path(tempfile.mkdtemp(prefix="tledge-rtspeed-"))
     try:

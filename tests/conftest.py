@@ -6,7 +6,7 @@ import tempfile
 # Keep torch and onnxruntime on the cores CI gives us; oversubscription makes tests crawl.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # The runtime's caches (TensorRT EP engines, OpenVINO blobs, auto's measured choices) go to a folder of the
-# session, never to the user's ~/.cache; device="auto" does not measure (tests/runtime/test_runtime_auto.py does).
+# session, never to the user's ~/.cache; device="auto" does not measure (tests/runtime/backends/test_auto.py does).
 os.environ.setdefault("TLEDGE_CACHE", tempfile.mkdtemp(prefix="tledge-test-cache-"))
 os.environ.setdefault("TLEDGE_AUTO_MEASURE", "0")
 

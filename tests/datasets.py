@@ -52,7 +52,7 @@ TINY = dict(arch="efficientnet_lite0", img_size=32, epochs=4, freeze_epochs=2, b
 
 def tiny_run_fixture(tmp_path_factory: pytest.TempPathFactory):
     """One real fine-tuning run (ImageNet EfficientNet-Lite0, 32 px), shared by the tests that only read it."""
-    from tledge.finetune import FinetuneConfig, finetune
+    from tledge.train.finetune import FinetuneConfig, finetune
 
     root = tmp_path_factory.mktemp("tiny")
     data = make_dataset(root / "data", per_class=16)

@@ -1,5 +1,5 @@
 """``python -m tledge`` (and ``torchrun -m tledge finetune ...``)."""
 
-from .cli import main
+from tledge.cli.main import main
 
 main()

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .benchmark import BenchResult, benchmark
-from .finetune import FinetuneConfig, RunResult, finetune, next_free_run_dir
+from tledge.evaluation.benchmark import BenchResult, benchmark
+from tledge.train.finetune import FinetuneConfig, RunResult, finetune, next_free_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,15 @@ class DemoResult:
 
 def demo(cfg: DemoConfig) -> DemoResult:
     """Run the four stages; each stage's wall time is in ``DemoResult.seconds``."""
+    from tledge.exporting import export_checkpoint
+    from tledge.train.config import CalibrationSource
     from tledge_export import ExportConfig
-
-    from .config import CalibrationSource
-    from .exporting import export_checkpoint
 
     seconds: dict[str, float] = {}
     data = Path(cfg.data)
     t0 = time.perf_counter()
     if not data.exists():
-        from .elpv import materialize
+        from tledge.data.elpv import materialize
 
         log.info("[1/4] writing the ELPV dataset to %s", data)
         materialize(data)
@@ -92,7 +91,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
 
 def summary(result: DemoResult) -> str:
     """The demo's closing text: accuracy against the published baselines, stage times, the recommendation."""
-    from .benchmark import to_markdown
+    from tledge.evaluation.benchmark import to_markdown
 
     m = result.run.metrics
     lines = [to_markdown(result.bench), "", f"recommendation: {result.bench.recommendation}", ""]

@@ -1,5 +1,5 @@
 """tledge's error types. All derive from :class:`tledge_runtime.errors.TledgeError` and carry a hint;
-the CLI turns them into one-line messages in one place (:mod:`tledge.cli`)."""
+the CLI turns them into one-line messages in one place (:mod:`tledge.cli.main`)."""
 
 from tledge_runtime.errors import ImageError, MetadataError, ModelError, TledgeError
 

@@ -22,16 +22,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tledge import __version__
+from tledge.data.folders import Sample, Splits, list_images, stratified_sample
+from tledge.data.imagecache import decode_images, summarize_skipped
+from tledge.errors import ConfigError, DataError
+from tledge.progress import progress
+from tledge.train.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, preprocess_of
+from tledge.train.config import CalibrationSource
 from tledge_export.config import ExportConfig
-from tledge_runtime.meta import ModelMeta, Provenance
-
-from . import __version__
-from .config import CalibrationSource
-from .checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, preprocess_of
-from .data import Sample, Splits, list_images, stratified_sample
-from .errors import ConfigError, DataError
-from .imagecache import decode_images, summarize_skipped
-from .progress import progress
+from tledge_runtime.model.meta import ModelMeta, Provenance
 
 log = logging.getLogger(__name__)
 

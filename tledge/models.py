@@ -22,10 +22,10 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
-from tledge_runtime.meta import Preprocess
 
-from .arch_names import DEFAULT_ARCH  # noqa: F401  (re-exported: the registry's default)
-from .errors import ConfigError, WeightsError
+from tledge.arch_names import DEFAULT_ARCH  # noqa: F401  (re-exported: the registry's default)
+from tledge.errors import ConfigError, WeightsError
+from tledge_runtime.model.meta import Preprocess
 
 log = logging.getLogger(__name__)
 

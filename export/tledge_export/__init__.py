@@ -8,12 +8,11 @@ The API is one call::
     print(result.table())
     result.raise_for_failures()      # ExportFailed listing each format over budget, with its numbers
 
-Modules, one per stage: :mod:`.onnx_export` (torch -> fp32 ONNX), :mod:`.bake`
-(preprocessing inside the graph), :mod:`.fp16`, :mod:`.int8` (QDQ calibration),
-:mod:`.sensitivity` and :mod:`.accuracy_aware` (int8 within an accuracy budget),
-:mod:`.verify` (parity with PyTorch), :mod:`.tensorrt` and :mod:`.engines` (TensorRT),
-:mod:`.triton` (model repository), :mod:`.artifact` (files and metadata),
-:mod:`.pipeline` (the chain). Names are loaded on first use, so importing the package
+Folders by stage: ``convert/`` (torch -> fp32 ONNX, static padding, baked preprocessing, fp16),
+``int8/`` (QDQ calibration, sensitivity, accuracy-aware search, QAT), ``verify/`` (parity with PyTorch, the
+embedded reference set); at the top, :mod:`.steps` (one function per format), :mod:`.pipeline` (the chain),
+:mod:`.engines` (TensorRT), :mod:`.triton` (model repository), :mod:`.artifact` (files and metadata) and
+:mod:`.config` (every knob and budget). Names are loaded on first use, so importing the package
 does not import torch or onnx.
 """
 
@@ -21,7 +20,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from tledge_export.version import __version__
+
 __all__ = [
     "EngineError",
     "ExportConfig",
@@ -34,10 +34,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .config import ExportConfig
-    from .errors import EngineError, ExportError, ExportFailed
-    from .pipeline import export_model
-    from .results import ExportResult, FormatResult
+    from tledge_export.config import ExportConfig
+    from tledge_export.errors import EngineError, ExportError, ExportFailed
+    from tledge_export.pipeline import export_model
+    from tledge_export.results import ExportResult, FormatResult
 
 _WHERE = {"ExportConfig": "config", "export_model": "pipeline", "ExportResult": "results", "FormatResult": "results",
           "ExportError": "errors", "ExportFailed": "errors", "EngineError": "errors"}

@@ -1,6 +1,6 @@
 """The exported files themselves: names, embedded metadata, validity checks and atomic writes.
 
-Every ONNX file carries its :class:`~tledge_runtime.meta.ModelMeta` as JSON in
+Every ONNX file carries its :class:`~tledge_runtime.model.meta.ModelMeta` as JSON in
 ``metadata_props[ONNX_KEY]``, the same document an engine file carries in its header, so
 the runtime needs the file and nothing else. Files are written with
 :func:`tledge_runtime.fileio.atomic_write`: a crash mid-export leaves the previous file or
@@ -17,15 +17,15 @@ import logging
 from pathlib import Path
 
 import onnx
-from tledge_runtime.backends import meta_from_props
-from tledge_runtime.engine_file import MAGIC as ENGINE_MAGIC
+
+from tledge_export.config import FILE_NAMES, REPORT_NAME  # noqa: F401 - re-exported: the names of the files written here
+from tledge_export.errors import ExportError
+from tledge_export.version import __version__
+from tledge_runtime.backends.engine_file import MAGIC as ENGINE_MAGIC
+from tledge_runtime.backends.loader import meta_from_props
 from tledge_runtime.errors import first_line
 from tledge_runtime.fileio import atomic_write
-from tledge_runtime.meta import ONNX_KEY, ModelMeta
-
-from . import __version__
-from .config import FILE_NAMES, REPORT_NAME  # noqa: F401 - re-exported: the names of the files written here
-from .errors import ExportError
+from tledge_runtime.model.meta import ONNX_KEY, ModelMeta
 
 log = logging.getLogger(__name__)
 

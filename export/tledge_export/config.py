@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Optional
 
-from .errors import ExportError
+from tledge_export.errors import ExportError
 
 # File name of each format inside the export folder (`tledge benchmark` looks for the first three).
 FILE_NAMES = {
@@ -17,14 +17,14 @@ FILE_NAMES = {
 }
 REPORT_NAME = "report.json"
 
-# Budgets against PyTorch on the held-out images (see tledge_export.verify for why these values).
+# Budgets against PyTorch on the held-out images (see tledge_export.verify.compare for why these values).
 FP32_ATOL = 1e-4  # logits: |Δ| <= atol + rtol * |logit|
 FP32_RTOL = 1e-4
 FP16_BUDGET = 0.1  # points of accuracy fp16 may lose
 INT8_BUDGET = 1.0  # points of accuracy int8 may lose
 MIN_AGREEMENT = 99.0  # percent of images on which fp16 and int8 must pick PyTorch's class
 
-TARGETS = ("cpu", "tensorrt")  # int8 flavours, see tledge_export.int8
+TARGETS = ("cpu", "tensorrt")  # int8 flavours, see tledge_export.int8.quantize
 METHODS = ("minmax", "entropy", "percentile")  # calibration methods
 EXPORTERS = ("torchscript", "dynamo")
 QAT_MODES = ("off", "auto", "on")  # quantization-aware training: never, when PTQ misses the budget, always
@@ -48,7 +48,7 @@ class ExportConfig:
     batch: Optional[int] = None  # None: dynamic batch axis; N: fixed batch N
     max_batch: int = 32  # largest batch of the TensorRT profile and of Triton's batcher
     opset: int = 18
-    exporter: str = "torchscript"  # torchscript | dynamo (see tledge_export.onnx_export)
+    exporter: str = "torchscript"  # torchscript | dynamo (see tledge_export.convert.onnx_export)
     bake_preprocess: bool = False  # uint8 NHWC input, normalization inside the graph
     fp16_io: bool = False  # fp16 model with float16 input/output (default: float32 I/O)
     engine: bool = False  # TensorRT engines (fp16 / int8-trt, else fp32)

@@ -16,19 +16,19 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from tledge_runtime.batching import batches
-from tledge_runtime.engine_file import write_engine
-from tledge_runtime.errors import EngineBuildError
-from tledge_runtime.meta import ModelMeta
-from tledge_runtime.nvidia import EngineTarget, TensorRT, cuda_device_count, find_tensorrt
-from tledge_runtime.trt_build import build_plan, check_onnx
-from tledge_runtime.verification import Budget, Verification
 
-from . import artifact
-from .config import ExportConfig
-from .errors import EngineError
-from .results import FormatResult
-from .verify import Reference
+from tledge_export import artifact
+from tledge_export.config import ExportConfig
+from tledge_export.errors import EngineError
+from tledge_export.results import FormatResult
+from tledge_export.verify.compare import Reference
+from tledge_runtime.backends.batching import batches
+from tledge_runtime.backends.engine_file import write_engine
+from tledge_runtime.backends.nvidia import TensorRT, cuda_device_count, find_tensorrt, target_here
+from tledge_runtime.backends.trt_build import build_plan, check_onnx
+from tledge_runtime.errors import EngineBuildError
+from tledge_runtime.model.meta import ModelMeta
+from tledge_runtime.model.verification import Budget, Verification
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def build_engine(onnx_path: Path, fmt: str, reference: Reference, config: Export
                             hint=f"the {fmt} ONNX passed but its engine did not: report the TensorRT version and GPU")
     measured = meta.verification.measured if meta.verification is not None else ""
     # The engine records what it was built for; the runtime refuses it elsewhere with both sides named.
-    write_engine(path, meta.with_(verification=verification.with_(measured=measured), engine=EngineTarget.here(trt)),
+    write_engine(path, meta.with_(verification=verification.with_(measured=measured), engine=target_here(trt)),
                  plan)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return FormatResult(name, "ok", path=path, parity=verification, size_bytes=path.stat().st_size,
@@ -106,7 +106,7 @@ def build_engine(onnx_path: Path, fmt: str, reference: Reference, config: Export
 def _verify(plan: bytes, meta: ModelMeta, path: Path, reference: Reference, budget: Budget, trt: TensorRT,
             fixed_batch: Optional[int]) -> Verification:
     """Run the engine with the runtime's TensorRT backend (what a device runs) and compare with PyTorch."""
-    from tledge_runtime.trt_backend import TensorRTBackend
+    from tledge_runtime.backends.trt import TensorRTBackend
 
     backend = TensorRTBackend(plan, meta, path)
     dtype = np.dtype(np.uint8) if meta.input.dtype == "uint8" else np.dtype(np.float32)

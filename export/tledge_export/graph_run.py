@@ -9,8 +9,9 @@ from typing import Optional
 
 import numpy as np
 import onnx
-from tledge_runtime.backends import ort_session
-from tledge_runtime.batching import CHUNK, batches
+
+from tledge_runtime.backends.batching import CHUNK, batches
+from tledge_runtime.backends.loader import ort_session
 
 
 def session(model: onnx.ModelProto, *, threads: Optional[int] = None):

@@ -2,7 +2,7 @@
 
 The one torch implementation of the normalization step of the artifact contract: training, evaluation and
 benchmarks in ``tledge`` and quantization-aware training here all call it, and it takes its factors from
-:func:`tledge_runtime.preprocess.normalize_factors` (what the runtime and the baked ONNX graphs compute), so a
+:func:`tledge_runtime.image.preprocess.normalize_factors` (what the runtime and the baked ONNX graphs compute), so a
 model is trained, fine-tuned through int8 and served on the same tensor.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tledge_runtime.meta import Preprocess
-from tledge_runtime.preprocess import normalize_factors
+
+from tledge_runtime.image.preprocess import normalize_factors
+from tledge_runtime.model.meta import Preprocess
 
 
 class Normalize:

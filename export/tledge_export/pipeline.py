@@ -3,7 +3,7 @@ and a Triton repository. The Python API behind `tledge export`.
 
 The chain, in order, each step public on its own:
 
-1. :func:`tledge_export.verify.Reference.from_model`: PyTorch's logits on the held-out images;
+1. :func:`tledge_export.verify.compare.Reference.from_model`: PyTorch's logits on the held-out images;
 2. :func:`tledge_export.steps.export_fp32`, ``export_fp16``, ``export_int8``: build, verify, write
    (:mod:`tledge_export.steps`);
 3. :func:`tledge_export.engines.build_engines`: TensorRT engines from the ONNX files just written;
@@ -23,18 +23,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from tledge_runtime.engine_file import read_engine
-from tledge_runtime.meta import ModelMeta
-from tledge_runtime.preprocess import Normalizer
 
-from . import artifact
-from .config import REPORT_NAME, ExportConfig
-from .errors import ExportError
-from .references import build_reference_set
-from .results import ExportResult, FormatResult
-from .int8_step import export_int8
-from .steps import ExportJob, export_fp16, export_fp32
-from .verify import Reference
+from tledge_export import artifact
+from tledge_export.config import REPORT_NAME, ExportConfig
+from tledge_export.errors import ExportError
+from tledge_export.int8.step import export_int8
+from tledge_export.results import ExportResult, FormatResult
+from tledge_export.steps import ExportJob, export_fp16, export_fp32
+from tledge_export.verify.compare import Reference
+from tledge_export.verify.references import build_reference_set
+from tledge_runtime.backends.engine_file import read_engine
+from tledge_runtime.image.preprocess import Normalizer
+from tledge_runtime.model.meta import ModelMeta
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _run_steps(job: ExportJob) -> tuple[list[FormatResult], Optional[Path]]:
             results.append(export_int8(job, fp32))
             done("int8")
         if cfg.engine:
-            from .engines import build_engines
+            from tledge_export.engines import build_engines
 
             results += build_engines([r for r in results if r.ok], job.reference, cfg, job.out)
             done("engine")
@@ -126,9 +126,8 @@ def _run_steps(job: ExportJob) -> tuple[list[FormatResult], Optional[Path]]:
 def write_triton(root: Path, written: Sequence[FormatResult], *, max_batch: int) -> Optional[Path]:
     """A Triton model repository under ``root`` for the models of ``written`` that were written (read back
     from their files: the graph or plan bytes and their metadata); None when there are none."""
-    from tledge_runtime.served_model import default_name
-
-    from .triton import TritonModel, write_repository
+    from tledge_export.triton import TritonModel, write_repository
+    from tledge_runtime.serve.served_model import default_name
 
     entries = []
     for r in written:

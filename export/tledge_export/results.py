@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from tledge_runtime.verification import Verification
-
-from .artifact import write_file
-from .errors import ExportFailed, Failure
-from .verify import row, table
+from tledge_export.artifact import write_file
+from tledge_export.errors import ExportFailed, Failure
+from tledge_export.verify.compare import row, table
+from tledge_runtime.model.verification import Verification
 
 STATUS_WORDS = {"ok": "ok", "over_budget": "OVER BUDGET", "unavailable": "unavailable", "failed": "FAILED"}
 

@@ -1,10 +1,10 @@
 """The per-format export steps: fp32, fp16, int8, each built, verified against PyTorch and written (or not).
 
 Each step takes the :class:`ExportJob` (the model, its base metadata, the config, the held-out
-:class:`~tledge_export.verify.Reference` and the calibration images) and returns a
+:class:`~tledge_export.verify.compare.Reference` and the calibration images) and returns a
 :class:`~tledge_export.results.FormatResult`. They all end in :func:`write_verified`: bake the
 preprocessing (if asked), ``onnx.checker``, verify with ONNX Runtime against PyTorch, and only then write
-the file, atomically, with its metadata and its :class:`~tledge_runtime.verification.Verification` inside.
+the file, atomically, with its metadata and its :class:`~tledge_runtime.model.verification.Verification` inside.
 A format over budget is not written (and an older file of that name tledge wrote is removed).
 """
 
@@ -18,17 +18,17 @@ from typing import Any, Optional
 
 import numpy as np
 import onnx
-from tledge_runtime.meta import InputSpec, ModelMeta, OutputSpec, Quantization
-from tledge_runtime.reference_set import ReferenceSet
-from tledge_runtime.verification import Budget, Verification
 
-from . import artifact
-from .bake import bake_preprocess
-from .config import FILE_NAMES, METHODS, ExportConfig
-from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
-from .references import fit, with_tolerance
-from .results import FormatResult
-from .verify import Reference, verify_onnx
+from tledge_export import artifact
+from tledge_export.config import FILE_NAMES, METHODS, ExportConfig
+from tledge_export.convert.bake import bake_preprocess
+from tledge_export.convert.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from tledge_export.results import FormatResult
+from tledge_export.verify.compare import Reference, verify_onnx
+from tledge_export.verify.references import fit, with_tolerance
+from tledge_runtime.model.meta import InputSpec, ModelMeta, OutputSpec, Quantization
+from tledge_runtime.model.reference_set import ReferenceSet
+from tledge_runtime.model.verification import Budget, Verification
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def export_fp32(job: ExportJob) -> tuple[FormatResult, onnx.ModelProto]:
 
 def export_fp16(job: ExportJob, fp32: onnx.ModelProto) -> FormatResult:
     """fp16 with onnxconverter-common; nodes whose tensors would overflow fp16 on calibration images stay fp32."""
-    from .fp16 import convert_fp16, fp16_unsafe_nodes, fp32_node_names
+    from tledge_export.convert.fp16 import convert_fp16, fp16_unsafe_nodes, fp32_node_names
 
     cfg = job.config
     images = job.calib if job.calib is not None else job.reference.x

@@ -10,12 +10,12 @@ Per exported format, the graph, and for ONNX formats also an image model::
       <arch>_<format>_image/
         config.pbtxt      Python backend: encoded image bytes in; label, score, probabilities out
         labels.txt
-        1/model.py        tledge_runtime.triton_python runs the sibling model.onnx (decode + preprocess + infer)
+        1/model.py        tledge_runtime.serve.triton_python runs the sibling model.onnx (decode + preprocess + infer)
 
 ``tritonserver --model-repository <export>/triton`` serves them; a client sends the graph's
 input (normalized NCHW float, or uint8 NHWC for baked models) to ``<arch>_<format>``, or JPEG/PNG
 bytes to ``<arch>_<format>_image`` (its Python environment needs ``pip install tledge-runtime``).
-Names and tensors come from :mod:`tledge_runtime.served_model`, the rule ``tledge-runtime serve``
+Names and tensors come from :mod:`tledge_runtime.serve.served_model`, the rule ``tledge-runtime serve``
 follows too, so one client works against both servers.
 """
 
@@ -25,12 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tledge_runtime import served_model as sm
-from tledge_runtime.meta import ModelMeta
-from tledge_runtime.served_model import model_name
-
-from .artifact import write_file
-from .errors import ExportError
+from tledge_export.artifact import write_file
+from tledge_export.errors import ExportError
+from tledge_runtime.model.meta import ModelMeta
+from tledge_runtime.serve import served_model as sm
+from tledge_runtime.serve.served_model import model_name
 
 __all__ = ["TritonModel", "config_pbtxt", "image_config_pbtxt", "model_name", "write_repository"]
 
@@ -38,7 +37,7 @@ QUEUE_DELAY_US = 100  # how long the dynamic batcher waits to fill a batch: late
 PYTHON_MODEL = (
     "# Triton Python-backend model written by `tledge export --triton`. The code is tledge_runtime's:\n"
     "# `pip install tledge-runtime` in the Python environment of Triton's Python backend.\n"
-    "from tledge_runtime.triton_python import TritonPythonModel  # noqa: F401\n"
+    "from tledge_runtime.serve.triton_python import TritonPythonModel  # noqa: F401\n"
 )
 
 

@@ -18,12 +18,12 @@ __version__ = "0.1.0"
 __all__ = ["Classifier", "Prediction", "__version__"]
 
 if TYPE_CHECKING:
-    from .classifier import Classifier, Prediction
+    from tledge_runtime.classifier import Classifier, Prediction
 
 
 def __getattr__(name: str) -> Any:
     if name in ("Classifier", "Prediction"):
-        from . import classifier
+        from tledge_runtime import classifier
 
         return getattr(classifier, name)
     raise AttributeError(f"module 'tledge_runtime' has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """``Classifier(path).predict(frame)``: the runtime's whole API in one object.
 
-The classifier reads the model's metadata, opens a backend (:mod:`.backends`),
+The classifier reads the model's metadata, opens a backend (:mod:`tledge_runtime.backends.loader`),
 and turns any image source into the graph's input exactly as the training eval
-transform does (:mod:`.preprocess`): normalized float NCHW for ordinary models,
+transform does (:mod:`tledge_runtime.image.preprocess`): normalized float NCHW for ordinary models,
 uint8 NHWC at model size for models whose normalization is baked into the graph.
 Scores are probabilities: a softmax of the logits, or the graph's own
 probabilities when its output kind says so.
@@ -19,12 +19,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .backends import Backend, open_backend
-from .batching import pad_to
-from .errors import BackendError, ImageError, ModelError, TledgeError
-from .image import DEFAULT_LIMITS, ImageInput, ImageLimits
-from .meta import ModelMeta
-from .preprocess import Normalizer, prepare_image
+from tledge_runtime.backends.batching import pad_to
+from tledge_runtime.backends.loader import Backend, open_backend
+from tledge_runtime.errors import BackendError, ImageError, ModelError, TledgeError
+from tledge_runtime.image.budgets import DEFAULT_LIMITS, ImageLimits
+from tledge_runtime.image.decode import ImageInput
+from tledge_runtime.image.preprocess import Normalizer, prepare_image
+from tledge_runtime.model.meta import ModelMeta
 
 log = logging.getLogger("tledge_runtime")
 
@@ -48,13 +49,13 @@ class Classifier:
     """A tledge model ready to classify images; safe to share between threads.
 
     ``device``: ``"auto"`` (a GPU if one is usable, else the CPU), ``"cpu"`` or ``"gpu"``.
-    ``backend``: force one of :data:`tledge_runtime.backends.BACKENDS`.
+    ``backend``: force one of :data:`tledge_runtime.backends.loader.BACKENDS`.
     ``threads``: CPU threads per inference (default: the engine's own choice).
     ``max_pixels`` / ``max_image_bytes``: what one input image may cost, checked before its pixels are
-    decoded (defaults: :class:`~tledge_runtime.image.ImageLimits`, ~89.5 MP and 256 MiB; all decodes of the
+    decoded (defaults: :class:`~tledge_runtime.image.budgets.ImageLimits`, ~89.5 MP and 256 MiB; all decodes of the
     process together stay within ``TLEDGE_DECODE_MEMORY_MB``, default 256). Over a limit: ``ImageError``.
     ``check``: replay the model's embedded reference set on this backend first (decode, resize, normalize,
-    numerics; see :mod:`tledge_runtime.check`) and refuse the model with ``CheckFailed`` if anything differs.
+    numerics; see :mod:`tledge_runtime.check.replay`) and refuse the model with ``CheckFailed`` if anything differs.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", backend: str | None = None,
@@ -83,8 +84,8 @@ class Classifier:
                 raise
 
     def self_check(self) -> Any:
-        """:class:`~tledge_runtime.check.CheckReport` of this model's reference set on this Classifier's backend."""
-        from .check import CheckReport, check_numerics, reference_set_of, trace_references
+        """:class:`~tledge_runtime.check.replay.CheckReport` of this model's reference set on this Classifier's backend."""
+        from tledge_runtime.check.replay import CheckReport, check_numerics, reference_set_of, trace_references
 
         traces, stages = trace_references(self.meta, self.path.name)
         refs = reference_set_of(self.meta, self.path.name)

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from . import __version__, exits
-from .errors import ImageError, TledgeError
-from .text import printable, printable_lines
+from tledge_runtime import __version__, exits
+from tledge_runtime.errors import ImageError, TledgeError
+from tledge_runtime.text import printable, printable_lines
 
 EXIT_USER_ERROR = exits.BAD_INPUT
 
@@ -153,7 +153,7 @@ def _add_serve(sub: Any) -> None:
 
 
 def _backend_names() -> tuple[str, ...]:
-    from .backends import BACKENDS
+    from tledge_runtime.backends.loader import BACKENDS
 
     return BACKENDS
 
@@ -179,7 +179,7 @@ def _positive_int(text: str) -> int:
 
 
 def _classifier(args: argparse.Namespace) -> Any:
-    from .classifier import Classifier
+    from tledge_runtime.classifier import Classifier
 
     return Classifier(args.model, device=args.device, backend=args.backend, threads=args.threads, check=args.check)
 
@@ -223,8 +223,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .backends import available_backends, read_meta
-    from .engine_file import is_engine_file
+    from tledge_runtime.backends.engine_file import is_engine_file
+    from tledge_runtime.backends.loader import available_backends, read_meta
 
     meta = read_meta(args.model)
     fmt = "tensorrt-engine" if is_engine_file(args.model) else "onnx"
@@ -275,7 +275,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .model_check import check_model
+    from tledge_runtime.model_check import check_model
 
     backends = ["all"] if args.backend == "all" else [args.backend]
     report = check_model(args.model, backends, device=args.device, threads=args.threads)
@@ -288,7 +288,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .trt_build import build_engine_file
+    from tledge_runtime.backends.trt_build import build_engine_file
 
     print(printable(f"wrote {build_engine_file(args.model, args.out, max_batch=args.max_batch)}"))
     return 0
@@ -300,7 +300,8 @@ def _build(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
-    from .serve import Server, ServeConfig, check_exposure
+    from tledge_runtime.serve.config import ServeConfig, check_exposure
+    from tledge_runtime.serve.server import Server
 
     config = ServeConfig(host=args.host, port=args.port, name=args.name,
                          token=args.token if args.token is not None else os.environ.get("TLEDGE_TOKEN") or None,

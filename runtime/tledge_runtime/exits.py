@@ -17,8 +17,8 @@ not be run" (2).
 
 from __future__ import annotations
 
-from .errors import CheckFailed, TledgeError
-from .text import printable
+from tledge_runtime.errors import CheckFailed, TledgeError
+from tledge_runtime.text import printable
 
 OK = 0
 CHECK_FAILED = 1

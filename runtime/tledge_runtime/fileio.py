@@ -58,7 +58,7 @@ def atomic_write(path: PathLike, data: Union[bytes, Callable[[BinaryIO], None]])
 def cache_dir(name: str) -> Path:
     """``$TLEDGE_CACHE/<name>`` (default ``~/.cache/tledge/<name>``), created if missing: where the runtime keeps
     what is slow to make and safe to lose (TensorRT EP engines, the measured choice of ``device="auto"``)."""
-    from .errors import BackendError
+    from tledge_runtime.errors import BackendError
 
     path = Path(os.environ.get("TLEDGE_CACHE", Path.home() / ".cache" / "tledge")) / name
     try:

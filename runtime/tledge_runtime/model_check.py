@@ -1,16 +1,16 @@
 """``check_model``: the reference check of a model file on one or more backends (``tledge-runtime check``).
 
-The comparison itself is :mod:`tledge_runtime.check`; this module opens the file on each backend."""
+The comparison itself is :mod:`tledge_runtime.check.replay`; this module opens the file on each backend."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .backends import backends_for, read_meta
-from .check import BackendCheck, CheckReport, check_numerics, reference_set_of, trace_references
-from .classifier import Classifier
-from .errors import TledgeError
+from tledge_runtime.backends.loader import backends_for, read_meta
+from tledge_runtime.check.replay import BackendCheck, CheckReport, check_numerics, reference_set_of, trace_references
+from tledge_runtime.classifier import Classifier
+from tledge_runtime.errors import TledgeError
 
 
 def check_model(path: str | Path, backends: Sequence[str] = ("auto",), *, device: str = "auto",

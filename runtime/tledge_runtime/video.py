@@ -16,8 +16,8 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-from .classifier import Classifier, Prediction
-from .errors import ImageError, TledgeError
+from tledge_runtime.classifier import Classifier, Prediction
+from tledge_runtime.errors import ImageError, TledgeError
 
 VideoSource = Union[str, os.PathLike, int, Iterable[np.ndarray]]
 

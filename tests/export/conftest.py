@@ -29,12 +29,11 @@ class HeldOut:
 
 @pytest.fixture(scope="session")
 def held_out(tiny_run) -> HeldOut:
-    from tledge_export.verify import torch_logits
-    from tledge_runtime.preprocess import Normalizer
-
-    from tledge.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
-    from tledge.data import Splits
-    from tledge.imagecache import decode_images
+    from tledge.data.folders import Splits
+    from tledge.data.imagecache import decode_images
+    from tledge.train.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
+    from tledge_export.verify.compare import torch_logits
+    from tledge_runtime.image.preprocess import Normalizer
 
     ckpt = load_checkpoint(tiny_run.best)
     prep = preprocess_of(ckpt)
@@ -48,9 +47,8 @@ def held_out(tiny_run) -> HeldOut:
 @pytest.fixture(scope="session")
 def exported(tiny_run, tmp_path_factory):
     """fp32 + fp16 + int8 (CPU flavour) through the Python API."""
-    from tledge_export import ExportConfig
-
     from tledge.exporting import export_checkpoint
+    from tledge_export import ExportConfig
 
     out = tmp_path_factory.mktemp("export-api")
     return export_checkpoint(tiny_run.best, ExportConfig(out=str(out), fp16=True, int8=True), workers=2)
@@ -68,7 +66,7 @@ class CliExport:
 @pytest.fixture(scope="session")
 def exported_cli(tiny_run, tmp_path_factory) -> CliExport:
     """fp32 + fp16 + int8 (TensorRT flavour), baked preprocessing, engines and Triton, through the CLI."""
-    from tledge.cli import main
+    from tledge.cli.main import main
 
     out = tmp_path_factory.mktemp("export-cli")
     result = CliRunner().invoke(main, ["export", str(tiny_run.best), "--out", str(out), "--fp16", "--int8",

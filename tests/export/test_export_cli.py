@@ -8,9 +8,9 @@ import shutil
 import onnx
 import pytest
 from click.testing import CliRunner
-from tledge_export.artifact import read_meta
 
-from tledge.cli import main
+from tledge.cli.main import main
+from tledge_export.artifact import read_meta
 
 from ..datasets import grey_images
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+
 from tledge_export.artifact import read_meta, save_onnx
 from tledge_runtime import fileio
 
@@ -57,7 +58,7 @@ def test_failure_inside_a_write_leaves_no_file(tmp_path, monkeypatch):
 
 def test_sigkill_mid_export_leaves_only_complete_models(tiny_run, tmp_path):
     out = tmp_path / "out"
-    code = ("import sys; from tledge.cli import main; "
+    code = ("import sys; from tledge.cli.main import main; "
             f"main(['export', {str(tiny_run.best)!r}, '--out', {str(out)!r}, '--fp16', '--int8', '--workers', '1'])")
     env = {**os.environ, "TLEDGE_PROGRESS": "0"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -10,10 +10,11 @@ from importlib import resources
 import jsonschema
 import onnx
 import pytest
-from tledge_runtime.meta import ONNX_KEY, InputSpec, ModelMeta, OutputSpec, Preprocess, Provenance, Quantization
-from tledge_runtime.nvidia import EngineTarget
-from tledge_runtime.reference_set import Fingerprint, ReferenceItem, ReferenceSet
-from tledge_runtime.verification import Budget, ClassDelta, Flips, Verification
+
+from tledge_runtime.model.engine_target import EngineTarget
+from tledge_runtime.model.meta import ONNX_KEY, InputSpec, ModelMeta, OutputSpec, Preprocess, Provenance, Quantization
+from tledge_runtime.model.reference_set import Fingerprint, ReferenceItem, ReferenceSet
+from tledge_runtime.model.verification import Budget, ClassDelta, Flips, Verification
 
 SCHEMA = json.loads(resources.files("tledge_runtime").joinpath("schema/model-metadata.schema.json").read_text())
 

@@ -7,9 +7,10 @@ import json
 
 import onnx
 import pytest
+
+from tledge_runtime.backends.nvidia import find_tensorrt
+from tledge_runtime.backends.trt_build import check_onnx
 from tledge_runtime.errors import EngineBuildError
-from tledge_runtime.nvidia import find_tensorrt
-from tledge_runtime.trt_build import check_onnx
 
 
 def _shape(model: onnx.ModelProto) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """--triton: a model repository Triton can load (layout, config.pbtxt, labels, the verified ONNX files, image models).
 
-Names and tensors are tledge_runtime.served_model's, so ``tledge-runtime serve`` on any file of the
+Names and tensors are tledge_runtime.serve.served_model's, so ``tledge-runtime serve`` on any file of the
 export answers to the same model name with the same tensors as the repository's config.pbtxt.
 """
 
@@ -11,11 +11,12 @@ import re
 import urllib.request
 
 import pytest
+
 from tledge_export.errors import ExportError
 from tledge_export.triton import TritonModel, config_pbtxt
-from tledge_runtime.backends import read_meta
-from tledge_runtime.meta import InputSpec, ModelMeta, Preprocess, Provenance, Quantization
-from tledge_runtime.served_model import default_name, format_name
+from tledge_runtime.backends.loader import read_meta
+from tledge_runtime.model.meta import InputSpec, ModelMeta, Preprocess, Provenance, Quantization
+from tledge_runtime.serve.served_model import default_name, format_name
 
 GRAPHS = ["efficientnet_lite0_fp16", "efficientnet_lite0_fp32", "efficientnet_lite0_int8-trt"]
 
@@ -45,7 +46,7 @@ def test_image_models_run_the_sibling_onnx_in_the_python_backend(exported_cli):
     for graph in GRAPHS:
         folder = root / (graph + "_image")
         assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == ["config.pbtxt", "labels.txt", "model.py"]
-        assert "from tledge_runtime.triton_python import TritonPythonModel" in (folder / "1" / "model.py").read_text()
+        assert "from tledge_runtime.serve.triton_python import TritonPythonModel" in (folder / "1" / "model.py").read_text()
         config = (folder / "config.pbtxt").read_text()
         assert 'backend: "python"' in config and "kind: KIND_CPU" in config
         assert re.search(r'name: "image"\s*data_type: TYPE_STRING\s*dims: \[ 1 \]', config)
@@ -71,7 +72,8 @@ def _config_tensors(config: str) -> list[tuple[str, str, list[int]]]:
 def test_serve_answers_to_the_repository_names_with_its_tensors(exported_cli):
     """The contract: one client for tledge-runtime serve on a device and for Triton on this repository."""
     from tledge_runtime import Classifier
-    from tledge_runtime.serve import ServeConfig, Server
+    from tledge_runtime.serve.config import ServeConfig
+    from tledge_runtime.serve.server import Server
 
     root = exported_cli.out / "triton"
     for graph in GRAPHS:

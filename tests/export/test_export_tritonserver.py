@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tledge_export.triton import TritonModel, write_repository
-from tledge_runtime.backends import read_meta
-from tledge_runtime.served_model import IMAGE_SUFFIX, default_name
+from tledge_runtime.backends.loader import read_meta
+from tledge_runtime.serve.served_model import IMAGE_SUFFIX, default_name
 
 MISSING = "unable to find backend library for backend '{}'"
 TWIN = "__on_python"
@@ -201,7 +202,8 @@ def test_image_models_load_in_the_python_backend(triton):
 
 def test_triton_and_serve_show_the_same_model_metadata(triton, repository):
     from tledge_runtime import Classifier
-    from tledge_runtime.serve import ServeConfig, Server
+    from tledge_runtime.serve.config import ServeConfig
+    from tledge_runtime.serve.server import Server
 
     url, _, _ = triton
     for name in ("efficientnet_lite0_fp32_image", "efficientnet_lite0_int8_image"):
@@ -228,6 +230,7 @@ def test_triton_answers_encoded_images_through_tritonclient(triton, repository, 
 
     import tritonclient.http as th
     from PIL import Image
+
     from tledge_runtime import Classifier
 
     url, _, _ = triton

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from tledge_runtime.meta import ONNX_KEY, InputSpec, ModelMeta, OutputSpec, Preprocess, Provenance
+
+from tledge_runtime.model.meta import ONNX_KEY, InputSpec, ModelMeta, OutputSpec, Preprocess, Provenance
 
 LABELS = ("red", "green", "blue")
 SIZE = 16
@@ -128,7 +129,7 @@ def build_engine_plan(onnx_path: Path, *, max_batch: int = 8, size: int = SIZE) 
     TensorRT for RTX builds ahead of time without a GPU when told which GPU to target;
     regular TensorRT needs the GPU it builds for.
     """
-    from tledge_runtime.nvidia import cuda_device_count, import_tensorrt
+    from tledge_runtime.backends.nvidia import cuda_device_count, import_tensorrt
 
     trt = import_tensorrt().module
     logger = trt.Logger(trt.Logger.ERROR)
@@ -159,8 +160,9 @@ def write_int8_model(path: Path, fp32_path: Path, *, target: str = "cpu") -> Pat
     import tempfile
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from tledge_runtime.meta import Quantization
-    from tledge_runtime.preprocess import Normalizer, prepare_image
+
+    from tledge_runtime.image.preprocess import Normalizer, prepare_image
+    from tledge_runtime.model.meta import Quantization
 
     p = make_meta().preprocess
     batches = [Normalizer(p)(prepare_image(colour_image(name, seed=200 + i), p)[None])

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tledge_runtime.serve import ServeConfig, Server
+
+from tledge_runtime.serve.config import ServeConfig
+from tledge_runtime.serve.server import Server
 
 MAX_BYTES = 64 << 10
 TOKEN = "t0ken-for-the-serve-tests-0123456789"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from runtime_testkit import LABELS, SIZE, colour_image
+
 from tledge_runtime import Classifier, Prediction
 from tledge_runtime.errors import BackendError, ImageError, TledgeError
 

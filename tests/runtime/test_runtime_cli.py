@@ -9,8 +9,9 @@ import sys
 
 import pytest
 from runtime_testkit import LABELS, make_meta
+
+from tledge_runtime.backends.engine_file import write_engine
 from tledge_runtime.cli import main
-from tledge_runtime.engine_file import write_engine
 
 
 def test_predict_prints_a_table(models, images, capsys):

@@ -10,10 +10,11 @@ import textwrap
 import numpy as np
 import pytest
 from runtime_testkit import build_graph, colour_image, make_meta, meta_dict, write_model
+
 from tledge_runtime import Classifier
-from tledge_runtime.backends import read_meta
+from tledge_runtime.backends.loader import read_meta
 from tledge_runtime.errors import BackendError, ImageError, MetadataError, ModelError, TledgeError
-from tledge_runtime.meta import SCHEMA_VERSION, InputSpec, OutputSpec
+from tledge_runtime.model.meta import SCHEMA_VERSION, InputSpec, OutputSpec
 
 
 def _raises(exc_type, fn, *args, match: str, **kwargs):
@@ -176,7 +177,7 @@ def test_backend_not_installed_says_what_to_pip_install(models, tmp_path):
         sys.modules["tensorrt_rtx_bindings"] = None
         from tledge_runtime import Classifier
         from tledge_runtime.errors import BackendError
-        from tledge_runtime.nvidia import import_tensorrt
+        from tledge_runtime.backends.nvidia import import_tensorrt
         try:
             Classifier({str(models["fp32"])!r}, backend="openvino")
         except BackendError as e:
@@ -204,8 +205,8 @@ def test_cuda_python_missing_is_a_backend_error(tmp_path):
         sys.modules["cuda"] = None
         sys.modules["cuda.bindings"] = None
         from tledge_runtime.errors import BackendError
-        from tledge_runtime.trt_backend import import_cudart
-        from tledge_runtime.backends import cuda_device_count
+        from tledge_runtime.backends.trt import import_cudart
+        from tledge_runtime.backends.loader import cuda_device_count
         print("count:", cuda_device_count())
         try:
             import_cudart()

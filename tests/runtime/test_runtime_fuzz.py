@@ -18,10 +18,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from tledge_runtime.errors import ImageError, MetadataError
-from tledge_runtime.image import load_image
-from tledge_runtime.meta import ModelMeta, Preprocess, Provenance
-from tledge_runtime.preprocess import preprocess
+from tledge_runtime.image.decode import load_image
+from tledge_runtime.image.preprocess import preprocess
+from tledge_runtime.model.meta import ModelMeta, Preprocess, Provenance
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt files we feed it
 
@@ -278,7 +279,7 @@ def hostile_meta(draw):
 
 def _check_parsed(meta: ModelMeta) -> None:
     """What a parsed document guarantees every consumer: bounded sizes, printable labels, a round trip."""
-    from tledge_runtime.meta import MAX_LABEL_CHARS, MAX_LABELS, MAX_RESIZE_SIDE, MAX_SIDE
+    from tledge_runtime.model.meta import MAX_LABEL_CHARS, MAX_LABELS, MAX_RESIZE_SIDE, MAX_SIDE
     from tledge_runtime.text import unsafe_chars
 
     p = meta.preprocess
@@ -308,6 +309,7 @@ def test_hostile_metadata_in_a_real_onnx_file_loads_or_is_refused(fuzz_dir, text
     """The same documents inside a real ONNX model, through Classifier: load and predict, or a
     MetadataError/ModelError with a hint; nothing else."""
     from runtime_testkit import colour_image, write_model
+
     from tledge_runtime import Classifier
     from tledge_runtime.errors import ModelError
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from runtime_testkit import colour_image
+
 from tledge_runtime.errors import ImageError, TledgeError
 from tledge_runtime.video import ScoreSmoother, classify_frames, read_frames
 

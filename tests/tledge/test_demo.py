@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from tledge.cli import main
+from tledge.cli.main import main
 
 from ..datasets import make_dataset
 

@@ -19,8 +19,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from tledge.checkpoint import load_checkpoint
-from tledge.cli import main
+from tledge.cli.main import main
+from tledge.train.checkpoint import load_checkpoint
 
 from ..datasets import COLOURS, make_dataset
 from ..kills import rewritten, run_and_kill_when
@@ -167,7 +167,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, command):
     marker = tmp_path / "pwned"
     evil = tmp_path / "run" / ("last.pt" if command == "resume" else "best.pt")
     evil.parent.mkdir()
-    torch.save({"format": "tledge.checkpoint", "arch": "resnet18", "payload": _Payload(marker)}, evil)
+    torch.save({"format": "tledge.train.checkpoint", "arch": "resnet18", "payload": _Payload(marker)}, evil)
     data = make_dataset(tmp_path / "data", per_class=2)
     args = {"evaluate": ["evaluate", str(evil), str(data)], "export": ["export", str(evil)],
             "resume": ["finetune", str(data), "--out", str(evil.parent), "--resume"]}[command]
@@ -181,7 +181,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, command):
 def test_repeated_random_sigkills_then_resume_match_an_uninterrupted_run(tmp_path):
     """Kill -9 at random moments (decoding, head phase, fine-tuning, checkpoint writes), resume each
     time; the final run equals one that was never interrupted (same seed, CPU)."""
-    from tledge.finetune import FinetuneConfig, finetune
+    from tledge.train.finetune import FinetuneConfig, finetune
 
     opts = dict(img_size=32, epochs=5, freeze_epochs=1, batch_size=16, workers=2, seed=3)
     reference = finetune(FinetuneConfig(data=str(make_dataset(tmp_path / "a", per_class=30)), out=str(tmp_path / "ref"),
@@ -216,7 +216,7 @@ def test_repeated_random_sigkills_then_resume_match_an_uninterrupted_run(tmp_pat
         assert done.returncode == 0, done.stderr
     assert kills >= 2 and kills_after_a_checkpoint >= 1, (kills, kills_after_a_checkpoint)
     history = load_checkpoint(out / "last.pt")["state"]["history"]
-    from .test_finetune import _comparable
+    from .train.test_finetune import _comparable
 
     assert _comparable(history) == _comparable(reference.history)
     assert json.loads((out / "metrics.json").read_text())["test_accuracy"] == reference.metrics["test_accuracy"]

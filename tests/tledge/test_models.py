@@ -21,7 +21,8 @@ def test_efficientnet_lite_weights_really_are_imagenet(arch, size, tensors):
     (scikit-image's Chelsea), at the arch's own size, lands in the ImageNet cat classes with high probability."""
     import skimage.data
     from PIL import Image
-    from tledge_runtime.preprocess import preprocess
+
+    from tledge_runtime.image.preprocess import preprocess
 
     model = imagenet_model(arch)
     assert sum(not k.endswith("num_batches_tracked") for k in model.state_dict()) == tensors
@@ -112,7 +113,7 @@ def test_finetune_without_img_size_trains_at_the_arch_size(tmp_path):
     """`tledge finetune --arch efficientnet_lite2` with no --img-size trains (and saves a checkpoint) at 260 px."""
     from click.testing import CliRunner
 
-    from tledge.cli import main
+    from tledge.cli.main import main
 
     from ..datasets import make_dataset
 

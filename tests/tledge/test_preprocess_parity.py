@@ -1,7 +1,7 @@
 """Training feeds its model the tensor the device feeds it: parity on the code paths training really runs.
 
 Preprocessing drift is the first cause of "the model on the device is worse than in PyTorch". tledge has
-one implementation (tledge_runtime.preprocess); these tests check that every training-side consumer gets
+one implementation (tledge_runtime.image.preprocess); these tests check that every training-side consumer gets
 exactly its output, pixel for pixel and float for float:
 
 - validation/test decoding (what evaluate, export verification and calibration, and benchmark use);
@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tledge_runtime.meta import Preprocess
-from tledge_runtime.preprocess import Normalizer, prepare_image, preprocess
 
-from tledge.data import Sample
-from tledge.imagecache import decode_images, train_geometry
-from tledge.transforms import Normalize
+from tledge.data.folders import Sample
+from tledge.data.imagecache import decode_images, train_geometry
+from tledge.train.transforms import Normalize
+from tledge_runtime.image.preprocess import Normalizer, prepare_image, preprocess
+from tledge_runtime.model.meta import Preprocess
 
 rng = np.random.default_rng(7)
 
@@ -95,11 +95,11 @@ def test_torch_normalize_is_bitwise_the_runtime_normalizer(files):
 @pytest.mark.parametrize("p", PREPROCESS[:2], ids=IDS[:2])
 def test_cached_head_features_are_the_backbone_on_the_device_tensor(files, p):
     """The head warm-up trains on features of exactly the tensor the exported model will be given."""
-    from tledge.config import FinetuneConfig
-    from tledge.distributed import Dist
     from tledge.models import create_model
-    from tledge.phases import train_features
-    from tledge.run import Run, TrainState
+    from tledge.train.config import FinetuneConfig
+    from tledge.train.distributed import Dist
+    from tledge.train.phases import train_features
+    from tledge.train.run import Run, TrainState
 
     torch.manual_seed(0)
     net = create_model("efficientnet_lite0", 2, "none").eval()

@@ -1,0 +1,55 @@
+"""What every inference backend is: one model loaded on one engine, behind one small interface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from tledge_runtime.model.meta import ModelMeta
+
+Shape = tuple  # of int (fixed) or None (dynamic)
+
+
+class Backend(ABC):
+    """One model loaded on one inference engine. ``run`` is safe to call from several threads."""
+
+    name: str = ""
+    input_name: str = ""
+    output_name: str = ""
+    input_dtype: np.dtype = np.dtype(np.float32)
+    input_shape: Shape = ()
+    output_shape: Shape = ()
+    max_batch: Optional[int] = None  # largest batch one run() accepts; None: no limit
+
+    @abstractmethod
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The graph's output for ``batch`` (already in the graph's layout and dtype)."""
+
+    def close(self) -> None:
+        """Release the engine; the backend cannot run afterwards."""
+
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        """The batch size the graph requires, or None when its batch axis is dynamic."""
+        return self.input_shape[0] if self.input_shape else None
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What :func:`open_backend` returns: the backend, the model's metadata and why this backend."""
+
+    backend: Backend
+    meta: ModelMeta
+    reason: str
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Whether one backend can run on this machine (for ``tledge-runtime info``)."""
+
+    name: str
+    available: bool
+    detail: str

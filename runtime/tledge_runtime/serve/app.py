@@ -1,0 +1,329 @@
+"""The ASGI application of ``tledge-runtime serve`` (starlette): routes, admission, bodies, answers.
+
+Order of work for a request, cheapest refusal first:
+1. the token (:class:`Guard`, before routing: an unknown path without the token is a 401, not a map);
+2. the model name and the declared body size;
+3. admission: a slot among ``max_queue`` and the body's bytes within ``body_memory`` - both before
+   a byte of the body is read, so overload costs neither memory nor decoding;
+4. the body, read against the size limit while it streams and against the request's deadline
+   (:mod:`tledge_runtime.serve.http`, which also turns every error into JSON);
+5. decoding in a bounded pool of threads, then the batcher; a client that disconnects or a
+   deadline that passes while waiting withdraws the job before the model runs it.
+Every answer is JSON (or OIP binary tensors) with a status code, errors included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tledge_runtime import __version__
+from tledge_runtime.backends.engine_file import is_engine_file
+from tledge_runtime.errors import ImageError, TledgeError
+from tledge_runtime.serve import oip
+from tledge_runtime.serve import served_model as sm
+from tledge_runtime.serve.batch import IMAGES, TENSOR, Batcher
+from tledge_runtime.serve.http import (
+    Guard,
+    HTTPError,
+    Observe,
+    content_length,
+    discard_rest,
+    disconnected,
+    http_exception,
+    late,
+    read_body,
+    tledge_error,
+    too_large,
+    unexpected,
+)
+from tledge_runtime.serve.metrics import Metrics
+
+if TYPE_CHECKING:
+    from tledge_runtime.classifier import Classifier
+    from tledge_runtime.serve.config import ServeConfig
+
+
+@dataclass(frozen=True)
+class Served:
+    """One model name the server answers to and its tensors (as the Triton repository has them)."""
+
+    name: str
+    platform: str
+    inputs: tuple[sm.TensorSpec, ...]
+    outputs: tuple[sm.TensorSpec, ...]
+    image: bool  # encoded images in (decoded here), else the graph's own tensors
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "versions": ["1"], "platform": self.platform,
+                "inputs": [t.metadata() for t in self.inputs], "outputs": [t.metadata() for t in self.outputs]}
+
+
+@dataclass
+class State:
+    """What every handler shares: the model, the limits, the counters (touched from the event loop only)."""
+
+    classifier: Classifier
+    config: ServeConfig
+    name: str
+    models: dict[str, Served]
+    metrics: Metrics
+    batcher: Batcher
+    limiter: anyio.CapacityLimiter  # threads decoding images / parsing JSON at once: bounds their memory
+    started: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    body_bytes: int = 0
+
+
+def build_app(classifier: Classifier, config: ServeConfig, name: str) -> tuple[Any, State]:
+    """The ASGI app serving ``classifier`` as ``name`` and ``name_image``; returns it and its shared state."""
+    meta = classifier.meta
+    platform = "tensorrt_plan" if is_engine_file(classifier.path) else "onnxruntime_onnx"
+    models = {name: Served(name, platform, sm.graph_inputs(meta), sm.graph_outputs(meta), image=False),
+              name + sm.IMAGE_SUFFIX: Served(name + sm.IMAGE_SUFFIX, "python", sm.image_inputs(meta),
+                                             sm.image_outputs(meta), image=True)}
+    metrics = Metrics({"name": name, "file": classifier.path.name, "backend": classifier.backend_name,
+                       "precision": meta.precision, "architecture": meta.provenance.architecture,
+                       "classes": str(meta.num_classes), "version": __version__})
+    state = State(classifier, config, name, models, metrics, Batcher(classifier, config.max_batch, metrics),
+                  anyio.CapacityLimiter(config.workers))
+    h = _Handlers(state)
+    prefixes = ["/v2/models/{model}", "/v2/models/{model}/versions/{version}"]
+    routes = [Route("/v2", h.server_metadata), Route("/v2/health/live", h.live), Route("/v2/health/ready", h.ready)]
+    for prefix in prefixes:
+        routes += [Route(prefix, h.model_metadata), Route(prefix + "/ready", h.model_ready),
+                   Route(prefix + "/infer", h.infer, methods=["POST"])]
+    routes += [Route("/predict", h.predict, methods=["POST"]), Route("/health", h.health), Route("/info", h.info),
+               Route("/metrics", h.metrics)]
+    handlers = {HTTPException: http_exception, TledgeError: tledge_error, Exception: unexpected}
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    return Observe(Guard(app, config.token), metrics), state
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+class _Handlers:
+    def __init__(self, state: State):
+        self.s = state
+
+    # --- open: liveness and readiness
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ok = self.s.batcher.alive
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def model_ready(self, request: Request) -> Response:
+        model = self._model(request, reveal=self.s.config.token is None)  # open path: names only to the trusted
+        ok = self.s.batcher.alive
+        return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "backend": self.s.classifier.backend_name, "in_flight": self.s.in_flight,
+                             "uptime_s": round(time.monotonic() - self.s.started, 1)})
+
+    # --- metadata (token)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": "tledge-runtime", "version": __version__,
+                             "extensions": ["binary_tensor_data", "classification"]})
+
+    async def model_metadata(self, request: Request) -> Response:
+        return JSONResponse(self._model(request).metadata())
+
+    async def info(self, request: Request) -> Response:
+        clf, cfg = self.s.classifier, self.s.config
+        return JSONResponse({"model": clf.path.name, "names": list(self.s.models), "backend": clf.backend_name,
+                             "labels": list(clf.labels),
+                             "limits": {"max_bytes": cfg.max_bytes, "max_queue": cfg.max_queue,
+                                        "timeout_s": cfg.timeout_s},
+                             "meta": clf.meta.to_dict()})
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = self.s.metrics.render()
+        return Response(body, media_type=content_type)
+
+    # --- inference (token, admission)
+
+    async def predict(self, request: Request) -> Response:
+        if request.headers.get("content-type", "").startswith("multipart/"):
+            raise HTTPError(415, "multipart bodies are not accepted", "POST the image file's bytes as the request body")
+        k = self._topk(request)
+        return await self._admitted(request, lambda body, deadline: self._predict(request, body, k, deadline))
+
+    async def infer(self, request: Request) -> Response:
+        model = self._model(request)
+        return await self._admitted(request, lambda body, deadline: self._infer(request, model, body, deadline))
+
+    async def _predict(self, request: Request, body: bytearray, k: int, deadline: float) -> Response:
+        if not body:
+            raise HTTPError(400, "empty request body", "POST the image file's bytes")
+        start = time.perf_counter()
+        clf = self.s.classifier
+        image = await self._in_thread(_prepare_one, clf, body)
+        probs = await self._run(request, IMAGES, image[None], deadline)
+        top = clf.rank(probs[0], k)
+        return JSONResponse({**top[0].to_dict(), "topk": [p.to_dict() for p in top],
+                             "latency_ms": round((time.perf_counter() - start) * 1000.0, 3)})
+
+    async def _infer(self, request: Request, model: Served, body: bytearray, deadline: float) -> Response:
+        req = await self._in_thread(oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH))
+        specs = {o.name: o for o in model.outputs}
+        for o in req.outputs or ():  # checked before any decoding or model time is spent
+            if o.name not in specs:
+                raise HTTPError(400, f"model {model.name!r} has no output {o.name!r}", f"ask for {', '.join(specs)}")
+            if o.classification and not specs[o.name].labelled:
+                raise HTTPError(400, f"output {o.name!r} has no labels to classify with",
+                                f"ask for classification on {', '.join(s.name for s in model.outputs if s.labelled)}")
+        x = _one_input(req, model)
+        if model.image:
+            images = await self._in_thread(sm.prepare_images, self.s.classifier, x.array)
+            probs = await self._run(request, IMAGES, images, deadline)
+            results = sm.image_results(probs, self.s.classifier.labels)
+        else:
+            spec = model.outputs[0]
+            out = await self._run(request, TENSOR, x.array, deadline)
+            results = {spec.name: out.astype(oip.NUMPY_TYPES[spec.datatype])}
+        return self._oip_response(model, req, results)
+
+    def _oip_response(self, model: Served, req: oip.InferRequest, results: dict[str, np.ndarray]) -> Response:
+        specs = {o.name: o for o in model.outputs}
+        wanted = req.outputs if req.outputs is not None else [oip.RequestedOutput(n, None, 0) for n in results]
+        tensors = []
+        for o in wanted:
+            spec, values = specs[o.name], results[o.name]
+            if o.classification:
+                values = oip.classification(values, self.s.classifier.labels, o.classification)
+                tensors.append(oip.Tensor(o.name, "BYTES", values))
+            else:
+                tensors.append(oip.Tensor(o.name, spec.datatype, values))
+        body, header_length = oip.encode_infer_response(model.name, req, tensors)
+        if header_length is None:
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/octet-stream",
+                        headers={oip.HEADER_LENGTH: str(header_length)})
+
+    # --- the shared path of every inference request
+
+    async def _admitted(self, request: Request, handle: Callable[[bytearray, float], Awaitable[Response]]) -> Response:
+        s, cfg = self.s, self.s.config
+        deadline = time.monotonic() + cfg.timeout_s
+        declared = content_length(request)
+        if declared is not None and declared > cfg.max_bytes:
+            if request.headers.get("expect", "").lower() != "100-continue":  # else the client waits: it sent nothing
+                await discard_rest(request, deadline)  # (and reading now would invite it to send the body)
+            raise too_large(declared, cfg.max_bytes)
+        reserve = declared if declared is not None else cfg.max_bytes
+        if s.in_flight >= cfg.max_queue:
+            s.metrics.refused.labels("queue").inc()
+            raise HTTPError(503, f"server busy: {cfg.max_queue} requests already in flight", "retry shortly",
+                            {"Retry-After": "1"})
+        if s.body_bytes + reserve > cfg.body_memory:
+            s.metrics.refused.labels("memory").inc()
+            raise HTTPError(503, f"server busy: {s.body_bytes} bytes of request bodies held, the budget is "
+                                 f"{cfg.body_memory}", "retry shortly", {"Retry-After": "1"})
+        s.in_flight += 1
+        s.body_bytes += reserve
+        s.metrics.in_flight.inc()
+        s.metrics.body_bytes.set(s.body_bytes)
+        try:
+            body = await read_body(request, cfg.max_bytes, deadline, declared)
+            return await handle(body, deadline)
+        finally:
+            s.in_flight -= 1
+            s.body_bytes -= reserve
+            s.metrics.in_flight.dec()
+            s.metrics.body_bytes.set(s.body_bytes)
+
+    async def _in_thread(self, fn: Callable, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.s.limiter)
+
+    async def _run(self, request: Request, kind: str, array: np.ndarray, deadline: float) -> np.ndarray:
+        """The model's answer for ``array``, unless the deadline passes or the client leaves first."""
+        if time.monotonic() >= deadline:
+            raise late()
+        job = self.s.batcher.submit(kind, array, deadline)
+        answer = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            done, _ = await asyncio.wait({answer, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if answer in done:
+            return answer.result()
+        job.gone = "disconnected" if gone in done else "deadline"
+        answer.cancel()  # withdraws the job unless the model already runs it
+        if gone in done:
+            raise HTTPError(499, "the client closed the connection", None)
+        raise late()
+
+    # --- small parsers
+
+    def _model(self, request: Request, reveal: bool = True) -> Served:
+        name = request.path_params["model"]
+        version = request.path_params.get("version")
+        model = self.s.models.get(name)
+        if model is None:
+            names = ", ".join(sorted(self.s.models)) if reveal else "other names"
+            raise HTTPError(404, f"no model named {name!r}", f"this server has {names}")
+        if version is not None and version != "1":
+            raise HTTPError(404, f"model {name!r} has no version {version!r}", "use version 1, or none")
+        return model
+
+    def _topk(self, request: Request) -> int:
+        labels = len(self.s.classifier.labels)
+        raw = request.query_params.getlist("topk")
+        if not raw:
+            return min(self.s.config.topk, labels)
+        try:
+            k = int(raw[-1])
+        except ValueError:
+            raise HTTPError(400, f"topk must be an integer, got {raw[-1]!r}", f"use ?topk=1..{labels}") from None
+        if k < 1:
+            raise HTTPError(400, f"topk must be at least 1, got {k}", f"use ?topk=1..{labels}")
+        return min(k, labels)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _prepare_one(clf: Classifier, body: bytearray) -> np.ndarray:
+    try:
+        return clf.prepare(body)
+    except ImageError as e:  # load_image names in-memory sources "<bytes>"; here they are the request body
+        raise ImageError(e.message.replace("<bytes>", "request body", 1), e.hint, e.kind) from None
+
+
+def _one_input(req: oip.InferRequest, model: Served) -> oip.Tensor:
+    spec = model.inputs[0]
+    if len(req.inputs) != 1 or req.inputs[0].name != spec.name:
+        got = ", ".join(repr(t.name) for t in req.inputs)
+        raise HTTPError(400, f"model {model.name!r} takes one input {spec.name!r}, got {got}",
+                        f"send {spec.name!r} as {spec.datatype} {[-1, *spec.dims]}")
+    x = req.inputs[0]
+    if x.datatype != spec.datatype:
+        raise HTTPError(400, f"input {spec.name!r} must be {spec.datatype}, got {x.datatype}",
+                        f"send {spec.datatype} {[-1, *spec.dims]}")
+    shape = x.array.shape
+    dims_ok = tuple(shape[1:]) == spec.dims or (model.image and len(shape) == 1)
+    if len(shape) < 1 or shape[0] < 1 or not dims_ok:
+        raise HTTPError(400, f"input {spec.name!r} has shape {list(shape)}, the model takes {[-1, *spec.dims]}",
+                        "the first axis is the batch; the others must match the model's metadata")
+    return x
+
+

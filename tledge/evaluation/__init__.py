@@ -1,0 +1,2 @@
+"""Evaluating a checkpoint on a test split (``evaluate``) and benchmarking every exported format
+(``benchmark``)."""

@@ -1,0 +1,1 @@
+"""What a run reports: metrics (``metrics``) and plots (``plots``); no torch."""

@@ -1,0 +1,106 @@
+"""Every knob of a fine-tuning run, torch-free: the CLI takes its defaults from here, the Python API is
+:class:`FinetuneConfig` itself, and every checkpoint and metrics.json stores it."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Optional
+
+from tledge.arch_names import ARCH_NAMES, DEFAULT_ARCH
+from tledge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning run. Each field's comment says what it changes."""
+
+    data: str  # DATA/<class>/* or DATA/{train,val,test}/<class>/*
+    arch: str = DEFAULT_ARCH  # see tledge.models.ARCHS
+    weights: str = "imagenet"  # imagenet | none (from scratch) | path to a state dict
+    epochs: int = 12  # total epochs, head warm-up included
+    freeze_epochs: int = 3  # head-only epochs on cached features; >= epochs: the backbone is never unfrozen
+    img_size: Optional[int] = None  # model input, pixels (square); None: the arch's ImageNet size (Lite2: 260)
+    crop_ratio: float = 1.0  # eval: shorter side to img_size / crop_ratio, then centre crop
+    batch_size: int = 32  # global batch (split across torchrun processes)
+    lr: float = 1e-3  # head learning rate (AdamW); the backbone gets lr * backbone_lr_scale
+    backbone_lr_scale: float = 0.1
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
+    weight_decay: Optional[float] = None  # None: 0.05 for AdamW, 1e-4 for SGD; never on biases / norms
+    warmup_epochs: float = 1.0  # linear LR warm-up at the start of fine-tuning
+    label_smoothing: float = 0.1
+    dropout: float = 0.2  # before the head
+    patience: int = 5  # early stopping: fine-tuning epochs without a better val accuracy (0: off)
+    val_split: float = 0.1  # fraction carved out for validation when the folder has no val/
+    test_split: float = 0.2  # fraction held out for testing when the folder has no train/ layout
+    # Mirror images left-right in training (and add mirrored features to the head warm-up). None (auto): a
+    # head trained with and one without mirrored images decide on the validation split (seconds). Off when
+    # orientation carries the class: digits, text, arrows, left/right parts.
+    hflip: Optional[bool] = None
+    vflip: bool = False  # also flip vertically (top-down, microscopy, inspection images)
+    crop_scale: float = 0.35  # random-resized-crop keeps at least this fraction of the image area;
+    # raise it (0.8) when the evidence is small and anywhere in the image (defects): a tight crop can miss it
+    unfreeze: Optional[int] = None  # fine-tune only the last N backbone stages (None: all of them)
+    # Keep an exponential moving average of the weights while fine-tuning, with this decay (None: off);
+    # validation, best.pt and every export use the averaged weights.
+    ema: Optional[float] = None
+    # BatchNorm in inference mode while fine-tuning (Keras' advice too): the head was fitted on
+    # features computed with the running statistics; batch statistics of a small, domain-shifted
+    # batch would change the features under it. Also ~15% faster on CPU.
+    train_bn: bool = False
+    # Re-estimate BatchNorm statistics on the training images first (AdaBN): for data far from
+    # ImageNet (grayscale EL, X-ray, microscopy) at a few hundred images or more. Off by default:
+    # on tiny datasets the estimates are noisy.
+    adapt_bn: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    out: Optional[str] = None  # run folder; default runs/exp, runs/exp2, ...
+    seed: int = 0
+    workers: int = 4  # image decoding threads
+
+    def validate(self) -> None:
+        if self.arch not in ARCH_NAMES:
+            raise ConfigError(f"unknown architecture {self.arch!r}", hint=f"choose one of: {', '.join(ARCH_NAMES)}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}", hint="use adamw or sgd")
+        checks = [(self.epochs >= 1, "--epochs must be at least 1"),
+                  (self.freeze_epochs >= 0, "--freeze-epochs must be >= 0"),
+                  (self.img_size is None or 16 <= self.img_size <= 1024, "--img-size must be in 16..1024"),
+                  (self.batch_size >= 1, "--batch-size must be at least 1"), (self.lr > 0, "--lr must be positive"),
+                  (0 < self.crop_ratio <= 1, "--crop-ratio must be in (0, 1]"),
+                  (0.05 <= self.crop_scale <= 1, "--crop-scale must be in [0.05, 1]"),
+                  (self.unfreeze is None or self.unfreeze >= 1, "--unfreeze must be at least 1"),
+                  (self.ema is None or 0 < self.ema < 1, "--ema must be in (0, 1)"),
+                  (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message, hint="see `tledge finetune --help`")
+
+    @property
+    def head_epochs(self) -> int:
+        return min(self.freeze_epochs, self.epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        """From a checkpoint's config; fields a newer or older tledge wrote are ignored or defaulted."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def default(name: str) -> Any:
+    """The default of one :class:`FinetuneConfig` field: what a CLI option shows and uses."""
+    field = next(f for f in fields(FinetuneConfig) if f.name == name)
+    if field.default is MISSING:
+        raise KeyError(f"{name} has no default")
+    return field.default
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """Where `tledge export` takes int8 calibration images from, and how many."""
+
+    folder: Optional[str] = None  # any image folder; default: the run's train split
+    size: int = 300  # ORT's and TensorRT's guidance: a few hundred representative images
+    seed: int = 0  # which ones
