@@ -61,7 +61,7 @@ def export_model(model: Any, meta: ModelMeta, *, verify_images: np.ndarray, veri
     claim_folder(out)
     log.info("PyTorch reference logits on %d held-out images", len(verify_images))
     reference = Reference.from_model(model, verify_images, verify_labels, meta.preprocess, meta.labels,
-                                     data=config.verification_data)
+                                     data=config.verification_data, answers=meta.answers)
     calib_u8 = np.ascontiguousarray(calib_images) if has_calib else None
     references = build_reference_set(model, meta.preprocess, reference, config.reference_images, reference_sources)
     job = ExportJob(model, meta.with_(provenance=replace(meta.provenance, opset=config.opset)), config, reference,

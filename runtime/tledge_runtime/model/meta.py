@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tledge_runtime.errors import MetadataError
+from tledge_runtime.model.answers import Answers
 from tledge_runtime.model.bounds import (  # noqa: F401 - limits, importable from here too
     MAX_LABEL_CHARS,
     MAX_NAME_CHARS,
@@ -38,9 +39,11 @@ from tledge_runtime.model.engine_target import EngineTarget
 from tledge_runtime.model.reference_set import ReferenceSet
 from tledge_runtime.model.verification import Verification
 
-# 2: typed verification (flips, per-class deltas, McNemar) and the embedded reference set. Version-1 files
-# (tledge 0.1.0) still load: their verification fields are a subset.
-SCHEMA_VERSION = 2
+# 2: typed verification (flips, per-class deltas, McNemar) and the embedded reference set.
+# 3: ``answers`` (calibration temperature, operating point) and the paired verification (interval of the
+# accuracy change, decided/borderline images, the format's numerical noise). Files of versions 1 and 2 still
+# load: their fields are a subset, and a model without ``answers`` answers with the top class of a softmax.
+SCHEMA_VERSION = 3
 ONNX_KEY = "tledge"  # metadata_props key that holds the JSON document
 # A model file is untrusted input: every size it controls is bounded before anything is allocated from it.
 MAX_METADATA_BYTES = 1 << 20  # a real document is a few KB (ImageNet-21k's 21,841 labels fit in 1 MiB)
@@ -219,6 +222,7 @@ class ModelMeta:
     verification: Verification | None = None  # parity with PyTorch measured at export time
     reference_set: ReferenceSet | None = None  # inputs + fingerprints + PyTorch logits for `tledge-runtime check`
     engine: EngineTarget | None = None  # TensorRT engine files: the TensorRT, GPU and L4T they were built for
+    answers: Answers | None = None  # calibration and decision rule; None: softmax of the logits, top class
     task: str = "classification"
     schema_version: int = SCHEMA_VERSION
 
@@ -243,6 +247,10 @@ class ModelMeta:
         check(self.reference_set is None or isinstance(self.reference_set, ReferenceSet),
               "metadata field 'reference_set' must be an object or null")
         check(self.engine is None or isinstance(self.engine, EngineTarget), "metadata field 'engine' must be an object")
+        check(self.answers is None or isinstance(self.answers, Answers), "metadata field 'answers' must be an object")
+        point = self.answers.operating_point if self.answers is not None else None
+        check(point is None or (len(self.labels) == 2 and point.label in self.labels),
+              "an operating point needs a binary model and one of its labels")
 
     @property
     def num_classes(self) -> int:
@@ -262,6 +270,8 @@ class ModelMeta:
             d["verification"] = self.verification.to_dict()
         if self.reference_set is not None:
             d["reference_set"] = self.reference_set.to_dict()
+        if self.answers is not None:
+            d["answers"] = self.answers.to_dict()
         # Field order in the file: version first so a human reading it sees it.
         return {"schema_version": d.pop("schema_version"), "task": d.pop("task"), **d}
 
@@ -296,6 +306,8 @@ class ModelMeta:
                 body["reference_set"] = ReferenceSet.from_dict(body["reference_set"])
             if body.get("engine") is not None:
                 body["engine"] = build(EngineTarget, body["engine"], "engine")
+            if body.get("answers") is not None:
+                body["answers"] = Answers.from_dict(body["answers"])
             return build(cls, body, "model")
         except KeyError as e:
             raise MetadataError(f"model metadata lacks the field {e.args[0]!r}",

@@ -6,9 +6,11 @@ had to meet; ``tledge-runtime check`` holds the device's own run of the model to
 
 Besides the averages (logit error, top-1 agreement, accuracy delta) it keeps what averages hide:
 how many images changed class in each direction (:class:`Flips`), the accuracy delta of every class
-(:class:`ClassDelta`, the worst class first in :attr:`Verification.worst_class`) and McNemar's exact
+(:class:`ClassDelta`, the worst class first in :attr:`Verification.worst_class`), McNemar's exact
 test of the accuracy delta (:attr:`Verification.mcnemar_p`: the probability of at least this imbalance
-between fixed and broken images if the model were as accurate as PyTorch).
+between fixed and broken images if the model were as accurate as PyTorch) with its paired 95% interval
+(:attr:`Verification.accuracy_interval`), and which changed answers were *decided* images (PyTorch's margin
+above the format's numerical noise, :attr:`Verification.noise`) rather than borderline ones.
 
 Written by :meth:`Verification.to_dict` and read by :meth:`Verification.from_dict` (bounded and typed,
 a :class:`~tledge_runtime.errors.MetadataError` for anything else), in one place.
@@ -24,6 +26,10 @@ from tledge_runtime.errors import MetadataError
 from tledge_runtime.model.bounds import build
 
 BUDGET_KINDS = ("logits", "accuracy")
+# How an accuracy budget is judged. "paired" (tledge >= 0.2): a format is refused for a loss over the budget
+# only when the paired 95% interval of the change lies below zero, and agreement counts decided images only.
+# "point": the point estimates against the budget (files verified before the paired rule; still readable).
+BUDGET_RULES = ("paired", "point")
 MAX_TEXT = 4096  # characters of one failure message or description
 MAX_ITEMS = 100_000  # failures, classes
 
@@ -45,9 +51,11 @@ class Budget:
     # (as many images fixed as broken); agreement counts every image that changed its answer.
     min_agreement: float = 0.0
     max_class_drop_points: Optional[float] = None  # worst-class budget; None: not checked
+    rule: str = "paired"  # see BUDGET_RULES
 
     def __post_init__(self) -> None:
         _need(self.kind in BUDGET_KINDS, f"budget kind must be one of {BUDGET_KINDS}")
+        _need(self.rule in BUDGET_RULES, f"budget rule must be one of {BUDGET_RULES}")
         for name in ("atol", "rtol", "max_drop_points", "min_agreement"):
             _need(_number(getattr(self, name)) and getattr(self, name) >= 0, f"budget {name} must be a number >= 0")
         _need(self.max_class_drop_points is None or (_number(self.max_class_drop_points)
@@ -67,14 +75,16 @@ class Budget:
     def describe(self) -> str:
         if self.kind == "logits":
             return f"|Δlogit| <= {self.atol:g} + {self.rtol:g}*|logit|"
-        agree = f", agree >= {self.min_agreement:g}%" if self.min_agreement else ""
+        decided = " of decided" if self.rule == "paired" else ""
+        agree = f", agree >= {self.min_agreement:g}%{decided}" if self.min_agreement else ""
         worst = f", class drop <= {self.max_class_drop_points:g} pt" if self.max_class_drop_points is not None else ""
         return f"drop <= {self.max_drop_points:g} pt{agree}{worst}"
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "logits":
             return {"kind": "logits", "atol": self.atol, "rtol": self.rtol}
-        d = {"kind": "accuracy", "max_drop_points": self.max_drop_points, "min_agreement": self.min_agreement}
+        d = {"kind": "accuracy", "max_drop_points": self.max_drop_points, "min_agreement": self.min_agreement,
+             "rule": self.rule}
         if self.max_class_drop_points is not None:
             d["max_class_drop_points"] = self.max_class_drop_points
         return d
@@ -96,12 +106,15 @@ class Flips:
 
 @dataclass(frozen=True)
 class ClassDelta:
-    """One class: its held-out images, PyTorch's and the model's accuracy on them, the delta in points."""
+    """One class: its held-out images, PyTorch's and the model's accuracy on them, the delta in points, and its
+    images that changed answer each way (what its paired interval is computed from)."""
 
     label: str
     images: int
     accuracy_reference: float
     accuracy: float
+    to_wrong: int = 0
+    to_correct: int = 0
 
     @property
     def delta_points(self) -> float:
@@ -128,6 +141,23 @@ class Verification:
     flips: Flips = field(default_factory=Flips)
     mcnemar_p: Optional[float] = None  # exact two-sided McNemar p-value of the accuracy delta
     per_class: tuple[ClassDelta, ...] = ()  # in label order
+    # Paired 95% interval of the accuracy delta, in points (exact, from the images that changed answer).
+    accuracy_interval: Optional[tuple[float, float]] = None
+    noise: Optional[float] = None  # how far this model moves decision margins, logit units (95th percentile)
+    decided: Optional[int] = None  # images whose PyTorch margin is larger than ``noise``
+    flips_decided: Optional[int] = None  # of the changed answers, those of decided images
+    decision: str = ""  # how an answer was decided: "top class" or the operating point
+
+    @property
+    def agreement_decided(self) -> Optional[float]:
+        """Agreement with PyTorch on the decided images (what a "paired" budget holds to its minimum)."""
+        if self.decided is None or self.flips_decided is None:
+            return None
+        return 1.0 - self.flips_decided / self.decided if self.decided else 1.0
+
+    @property
+    def flips_borderline(self) -> Optional[int]:
+        return None if self.flips_decided is None else self.flips.total - self.flips_decided
 
     @property
     def accuracy_delta_points(self) -> float:
@@ -147,6 +177,8 @@ class Verification:
         d["failures"] = list(self.failures)
         d["per_class"] = [{**asdict(c), "delta_points": round(c.delta_points, 4)} for c in self.per_class]
         d["accuracy_delta_points"] = round(self.accuracy_delta_points, 4)  # derived; for people reading the JSON
+        if self.accuracy_interval is not None:
+            d["accuracy_interval"] = [round(v, 4) for v in self.accuracy_interval]
         for key in ("agreement", "accuracy_reference", "accuracy"):
             d[key] = round(d[key], 6)
         return d
@@ -160,10 +192,16 @@ class Verification:
         _need(not unknown, f"unknown verification field(s) {unknown[:5]}")
         body = {k: v for k, v in d.items() if k != "accuracy_delta_points"}
         try:
-            body["budget"] = build(Budget, body["budget"], "verification budget")
+            stored = body["budget"]
+            if isinstance(stored, dict) and stored.get("kind") == "accuracy" and "rule" not in stored:  # verified before
+                # the paired rule existed: its pass/fail was judged on the point estimates
+                stored = {**stored, "rule": "point"}
+            body["budget"] = build(Budget, stored, "verification budget")
             body["flips"] = build(Flips, body.get("flips", {}), "verification flips")
             body["per_class"] = tuple(_class_delta(c) for c in _list(body.get("per_class", []), "per_class"))
             body["failures"] = tuple(_text(f, "failure") for f in _list(body.get("failures", []), "failures"))
+            if body.get("accuracy_interval") is not None:
+                body["accuracy_interval"] = _interval(body["accuracy_interval"])
             v = cls(**body)
         except (KeyError, TypeError) as e:
             raise MetadataError(f"malformed verification metadata: {e}",
@@ -182,6 +220,10 @@ class Verification:
         for name in ("backend", "reference", "data", "measured"):
             _text(getattr(self, name), name)
         _need(all(_count(getattr(self.flips, f.name)) for f in fields(Flips)), "verification flips must be counts")
+        for name in ("decided", "flips_decided"):
+            _need(getattr(self, name) is None or _count(getattr(self, name)), f"verification {name} must be a count")
+        _need(self.noise is None or (_number(self.noise) and self.noise >= 0), "verification noise must be >= 0")
+        _text(self.decision, "decision")
 
 
 def mcnemar_p(to_correct: int, to_wrong: int) -> float:
@@ -198,11 +240,18 @@ def mcnemar_p(to_correct: int, to_wrong: int) -> float:
     return min(1.0, (2 * tail) / (1 << n))
 
 
+def _interval(v: Any) -> tuple[float, float]:
+    _need(isinstance(v, list) and len(v) == 2 and all(_number(x) and -100 <= x <= 100 for x in v) and v[0] <= v[1],
+          "verification accuracy_interval must be [low, high] in points, low <= high")
+    return (float(v[0]), float(v[1]))
+
+
 def _class_delta(c: Any) -> ClassDelta:
     c = dict(_obj(c, "per_class entry"))
     c.pop("delta_points", None)  # derived, written for people reading the JSON
     delta = build(ClassDelta, c, "verification per_class entry")
     _need(isinstance(delta.label, str) and len(delta.label) <= MAX_TEXT and _count(delta.images)
+          and _count(delta.to_wrong) and _count(delta.to_correct)
           and all(_number(v) and 0 <= v <= 1 for v in (delta.accuracy, delta.accuracy_reference)),
           "malformed per_class verification entry")
     return delta

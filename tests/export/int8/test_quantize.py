@@ -53,7 +53,8 @@ def test_cpu_flavour_uint8_activations_per_channel_int8_weights(exported, held_o
     # Accuracy-aware int8 may keep nodes in float (a near-tie held-out image can flip); the file says which.
     assert q.calibration_images == 33
     assert list(q.float_nodes) == exported.get("int8").details["accuracy_aware"]["float_nodes"]
-    assert meta.verification.budget.to_dict() == {"kind": "accuracy", "max_drop_points": 1.0, "min_agreement": 99.0}
+    assert meta.verification.budget.to_dict() == {"kind": "accuracy", "max_drop_points": 1.0, "min_agreement": 99.0,
+                                                  "rule": "paired"}
     logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": held_out.x})[0]
     agreement = (logits.argmax(1) == held_out.logits.argmax(1)).mean()
     assert agreement == pytest.approx(meta.verification.agreement) and meta.verification.passed
