@@ -4,8 +4,9 @@ The classifier reads the model's metadata, opens a backend (:mod:`tledge_runtime
 and turns any image source into the graph's input exactly as the training eval
 transform does (:mod:`tledge_runtime.image.preprocess`): normalized float NCHW for ordinary models,
 uint8 NHWC at model size for models whose normalization is baked into the graph.
-Scores are probabilities: a softmax of the logits, or the graph's own
-probabilities when its output kind says so.
+Scores are probabilities: a softmax of the logits at the model's calibration temperature, or the graph's
+own probabilities when its output kind says so; the answer is the top class, or the class a binary model's
+operating point decides (:mod:`tledge_runtime.answers.decision`, the rule export verification used).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from tledge_runtime.answers.decision import decide, probabilities
 from tledge_runtime.backends.batching import pad_to
 from tledge_runtime.backends.loader import Backend, open_backend
 from tledge_runtime.errors import BackendError, ImageError, ModelError, TledgeError
@@ -114,12 +116,22 @@ class Classifier:
     # ---------------------------------------------------------------- predictions
 
     def predict(self, x: ImageInput, channel_order: str = "rgb") -> Prediction:
-        """The most likely class of one image (path, bytes, PIL image, or HxWx3 uint8 array)."""
-        return self._best(self.scores(x, channel_order))
+        """The answer for one image (path, bytes, PIL image, or HxWx3 uint8 array): the most likely class, or the
+        class the model's operating point decides."""
+        return self.answer(self.scores(x, channel_order))
 
     def predict_batch(self, xs: Iterable[ImageInput], channel_order: str = "rgb") -> list[Prediction]:
         """``predict`` for many images, run through the model in batches."""
-        return [self._best(row) for row in self.scores_batch(xs, channel_order)]
+        return [self.answer(row) for row in self.scores_batch(xs, channel_order)]
+
+    def answer(self, probs: np.ndarray) -> Prediction:
+        """The answer for one row of probabilities (from :meth:`scores` or :meth:`infer`)."""
+        return self._at(probs, int(self.decide(np.asarray(probs)[None])[0]))
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """The decided class index of each row of an ``N x classes`` probability array."""
+        point = self.meta.answers.operating_point if self.meta.answers is not None else None
+        return decide(probs, self.meta.labels, point)
 
     def topk(self, x: ImageInput, k: int = 5, channel_order: str = "rgb") -> list[Prediction]:
         """The ``k`` most likely classes of one image, best first (fewer if the model has fewer classes)."""
@@ -194,7 +206,9 @@ class Classifier:
             if self._nhwc:
                 tensor = np.ascontiguousarray(tensor.transpose(0, 2, 3, 1))
         out = self._run_tensor(backend, tensor)
-        return _softmax(out) if self.meta.output.kind == "logits" else out
+        if self.meta.output.kind != "logits":
+            return out
+        return probabilities(out, self.meta.answers.temperature if self.meta.answers is not None else 1.0)
 
     def _run_tensor(self, backend: Backend, tensor: np.ndarray) -> np.ndarray:
         """One chunk of graph input -> float64 graph output, padded to a fixed batch and checked."""
@@ -211,9 +225,6 @@ class Classifier:
             raise BackendError(f"the model produced non-finite outputs on backend {backend.name}",
                                hint="an fp16 model may overflow on this input; try the fp32 export")
         return out
-
-    def _best(self, probs: np.ndarray) -> Prediction:
-        return self._at(probs, int(np.argmax(probs)))
 
     def _at(self, probs: np.ndarray, i: int) -> Prediction:
         return Prediction(label=self.meta.labels[i], index=i, score=float(probs[i]))
@@ -247,9 +258,3 @@ class Classifier:
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise TledgeError(f"k must be a positive integer, got {k!r}", hint="ask for k >= 1 classes")
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)  # shift: exp never overflows
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

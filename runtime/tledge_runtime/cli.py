@@ -207,15 +207,15 @@ def _predict(args: argparse.Namespace) -> int:
         if not args.json and names:
             print(f"{'IMAGE':<{width}}  {'LABEL':<16} SCORE" + ("   TOP-K" if k > 1 else ""))
         for name, show, row in zip(names, shown, probs):
-            top = clf.rank(row, k)
+            top, best = clf.rank(row, k), clf.answer(row)
             if args.json:
-                record = {"image": name, **top[0].to_dict()}
+                record = {"image": name, **best.to_dict()}
                 if k > 1:
                     record["topk"] = [p.to_dict() for p in top]
                 print(json.dumps(record))
             else:
                 extra = "   " + ", ".join(f"{printable(p.label)} {p.score:.4f}" for p in top) if k > 1 else ""
-                print(f"{show:<{width}}  {printable(top[0].label):<16} {top[0].score:.4f}{extra}")
+                print(f"{show:<{width}}  {printable(best.label):<16} {best.score:.4f}{extra}")
     return exits.BAD_INPUT if failed else exits.OK
 
 

@@ -126,4 +126,4 @@ def _flush(classifier: Classifier, frames: list[np.ndarray], order: str, smoothe
     probs = classifier.infer(np.stack([classifier.prepare(f, order) for f in frames]))
     for i, (frame, row) in enumerate(zip(frames, probs)):
         smoothed = smoother.update(row)
-        yield FramePrediction(start + i, classifier.rank(smoothed)[0], smoothed, frame)
+        yield FramePrediction(start + i, classifier.answer(smoothed), smoothed, frame)

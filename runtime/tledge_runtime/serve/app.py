@@ -177,7 +177,7 @@ class _Handlers:
         image = await self._in_thread(_prepare_one, clf, body)
         probs = await self._run(request, IMAGES, image[None], deadline)
         top = clf.rank(probs[0], k)
-        return JSONResponse({**top[0].to_dict(), "topk": [p.to_dict() for p in top],
+        return JSONResponse({**clf.answer(probs[0]).to_dict(), "topk": [p.to_dict() for p in top],
                              "latency_ms": round((time.perf_counter() - start) * 1000.0, 3)})
 
     async def _infer(self, request: Request, model: Served, body: bytearray, deadline: float) -> Response:
@@ -193,7 +193,8 @@ class _Handlers:
         if model.image:
             images = await self._in_thread(sm.prepare_images, self.s.classifier, x.array)
             probs = await self._run(request, IMAGES, images, deadline)
-            results = sm.image_results(probs, self.s.classifier.labels)
+            clf = self.s.classifier
+            results = sm.image_results(probs, clf.labels, clf.decide(probs))
         else:
             spec = model.outputs[0]
             out = await self._run(request, TENSOR, x.array, deadline)

@@ -111,9 +111,9 @@ def prepare_images(classifier: Any, encoded: np.ndarray) -> np.ndarray:
     return np.stack(prepared)
 
 
-def image_results(probs: np.ndarray, labels: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The ``_image`` model's outputs for ``N x classes`` probabilities: label (BYTES), score, probabilities."""
-    best = probs.argmax(axis=1)
+def image_results(probs: np.ndarray, labels: tuple[str, ...], best: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``_image`` model's outputs for ``N x classes`` probabilities and the decided class of each row:
+    label (BYTES), score, probabilities."""
     label = np.empty((len(probs), 1), dtype=np.object_)
     label[:, 0] = [labels[i].encode("utf-8") for i in best]
     return {LABEL_OUTPUT: label, SCORE_OUTPUT: probs[np.arange(len(probs)), best].astype(np.float32)[:, None],

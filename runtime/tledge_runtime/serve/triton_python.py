@@ -56,7 +56,8 @@ class TritonPythonModel:
             if not isinstance(span, tuple):
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=span))
                 continue
-            results = sm.image_results(probs[span[0]:span[0] + span[1]], clf.labels)
+            rows = probs[span[0]:span[0] + span[1]]
+            results = sm.image_results(rows, clf.labels, clf.decide(rows))
             outputs = [pb_utils.Tensor(name, array) for name, array in results.items()]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
