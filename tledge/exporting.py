@@ -20,16 +20,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tledge import __version__
 from tledge.data.folders import Sample, Splits, list_images, stratified_sample
 from tledge.data.imagecache import decode_images, summarize_skipped
-from tledge.errors import ConfigError, DataError
+from tledge.errors import CheckpointError, ConfigError, DataError
 from tledge.progress import progress
 from tledge.train.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, preprocess_of
 from tledge.train.config import CalibrationSource
 from tledge_export.config import ExportConfig
+from tledge_runtime.errors import MetadataError
+from tledge_runtime.model.answers import Answers
 from tledge_runtime.model.meta import ModelMeta, Provenance
 
 log = logging.getLogger(__name__)
@@ -57,11 +59,23 @@ def export_checkpoint(checkpoint: str | Path, config: ExportConfig = ExportConfi
     calib = _calibration(config, calibration, splits, prep, workers) if (config.int8 or config.fp16) else None
     meta = ModelMeta(labels=labels, preprocess=prep, provenance=Provenance(
         architecture=ckpt["arch"], checkpoint_sha256=file_sha256(path), tledge_version=__version__,
-        opset=config.opset, created=datetime.now(timezone.utc).replace(microsecond=0).isoformat()))
+        opset=config.opset, created=datetime.now(timezone.utc).replace(microsecond=0).isoformat()),
+        answers=_answers_of(ckpt))
     log.info("exporting %s (%s, %d classes, %dx%d) to %s", path, ckpt["arch"], len(labels), prep.height, prep.width,
              config.out)
     return export_model(model_from_checkpoint(ckpt), meta, verify_images=verify.images, verify_labels=verify.labels,
                         calib_images=calib, config=config, reference_sources=verify.paths, progress=progress)
+
+
+def _answers_of(ckpt: dict[str, Any]) -> Optional[Answers]:
+    """What the run fitted for its answers (operating point, calibration); None for runs from before them."""
+    stored = ckpt.get("answers")
+    if stored is None:
+        return None
+    try:
+        return Answers.from_dict(stored)
+    except MetadataError as e:
+        raise CheckpointError(f"the checkpoint's answers are invalid: {e.message}", hint="re-run `tledge finetune`") from None
 
 
 def _held_out(splits: Splits, prep: Any, run: Path, workers: int):

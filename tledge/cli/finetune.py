@@ -62,6 +62,9 @@ option = config_option(default)
 @option("--train-bn", field="train_bn", is_flag=True, help="Update BatchNorm statistics while fine-tuning (default: fixed).")
 @option("--adapt-bn", field="adapt_bn", is_flag=True,
         help="Re-estimate BatchNorm statistics on the training images first (data far from ImageNet).")
+@option("--operating-point", field="operating_point", metavar="CLASS:recall=R|CLASS:precision=P",
+        help="Binary tasks: decide CLASS from the probability threshold that reaches this recall (or precision) on "
+             "the validation split; carried by every export [default: the most probable class].")
 @option("--device", field="device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--no-amp", "amp", is_flag=True, flag_value=False, default=default("amp"),
               help="Disable mixed precision on CUDA.")
@@ -96,8 +99,14 @@ def finetune(data: Path, out: Optional[Path], resume: bool, as_json: bool, **opt
     if as_json:
         emit_json({k: v for k, v in result.metrics.items() if k != "reports"} | {"out": str(result.out)})
         return
+    from tledge.report.metrics import class_rates, operating_point_lines
+
     m = result.metrics
     parts = [f"{k.removesuffix('_accuracy')} accuracy {100 * m[k]:.2f}%" for k in ("val_accuracy", "test_accuracy")
              if k in m]
     click.echo(f"best epoch {m['best_epoch']}: " + ", ".join(parts))
+    final = "test" if "test" in m["reports"] else "val"
+    echo(f"{final}: " + class_rates(m["reports"][final]))
+    for line in operating_point_lines(m.get("answers", {})):
+        echo(line)
     echo(f"wrote {result.best} (+ last.pt, metrics.json, history.csv, curves.png, confusion.png)")

@@ -75,25 +75,35 @@ def data_elpv(out: Path, test_split: float, seed: int, overwrite: bool) -> None:
               help="Write the confusion matrix as a PNG here.")
 @click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write one CSV row per image here: path,true,pred, then one probability column per class.")
+@click.option("--operating-point", metavar="CLASS:recall=R|CLASS:precision=P", default=None,
+              help="Binary tasks: choose the threshold for CLASS that reaches this recall (or precision) on the run's "
+                   "validation split and report DATA at it [default: the checkpoint's own, if it has one].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int, device: str,
-             plot: Optional[Path], predictions: Optional[Path], as_json: bool) -> None:
+             plot: Optional[Path], predictions: Optional[Path], operating_point: Optional[str], as_json: bool) -> None:
     """Accuracy, per-class precision/recall/F1 and confusion matrix of CHECKPOINT on DATA.
 
     Images go through the device's own preprocessing (tledge_runtime), so --predictions holds the
-    probabilities an exported fp32 model gives on a device, up to float rounding.
+    probabilities an exported fp32 model gives on a device, up to float rounding. With an operating
+    point (the checkpoint's, or --operating-point), DATA is also reported decided at it.
     """
     from tledge.evaluation.evaluate import evaluate as run_evaluate
     from tledge.report.metrics import format_report
 
     setup_logging(quiet=as_json)
     result = run_evaluate(checkpoint, data, split=split, batch_size=batch_size, device=device, plot=plot,
-                          predictions=predictions)
+                          predictions=predictions, operating_point=operating_point)
+    point = result.operating_point
     if as_json:
-        emit_json({**result.report, "data": str(result.data), "skipped": len(result.skipped)})
+        emit_json({**result.report, "data": str(result.data), "skipped": len(result.skipped),
+                   "operating_point": dict(vars(point)) if point else None,
+                   "at_operating_point": result.at_operating_point})
         return
     echo(f"{result.data}")
     echo(format_report(result.report))  # per-class rows are named by the checkpoint's classes
+    if point is not None:
+        echo(f"\nat the operating point ({point.describe()}; {point.measured}):")
+        echo(format_report(result.at_operating_point))
     if result.skipped_line:
         echo(result.skipped_line)
     for written in (result.plot, result.predictions):

@@ -4,22 +4,25 @@ numbers against PyTorch's from outside."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-import numpy as np
 import torch
 
-from tledge.data.folders import Sample, scan_class_folders
+from tledge.answers.operating_point import check_spec, choose, parse_spec
+from tledge.data.folders import Sample, Splits, scan_class_folders
 from tledge.data.imagecache import decode_images, summarize_skipped
-from tledge.evaluation.predictions import write_predictions
 from tledge.errors import DataError
+from tledge.evaluation.predictions import write_predictions
 from tledge.report.metrics import confusion_matrix, report
 from tledge.train.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
 from tledge.train.distributed import resolve_device
 from tledge.train.loops import infer
 from tledge.train.transforms import Normalize
+from tledge_runtime.answers.decision import decide, probabilities
+from tledge_runtime.model.answers import Answers, OperatingPoint
 
 
 @dataclass
@@ -30,6 +33,8 @@ class EvalResult:
     data: Path
     plot: Optional[Path] = None
     predictions: Optional[Path] = None
+    operating_point: Optional[OperatingPoint] = None  # the checkpoint's, or the one --operating-point chose
+    at_operating_point: Optional[dict[str, Any]] = None  # the report when deciding with it
 
 
 def evaluation_samples(data: Path, labels: list[str], split: Optional[str] = None) -> tuple[Path, list[Sample]]:
@@ -52,13 +57,18 @@ def evaluation_samples(data: Path, labels: list[str], split: Optional[str] = Non
 
 def evaluate(checkpoint: Path, data: Path, *, split: Optional[str] = None, batch_size: int = 32,
              device: str = "auto", workers: int = 4, plot: Optional[Path] = None,
-             predictions: Optional[Path] = None) -> EvalResult:
+             predictions: Optional[Path] = None, operating_point: Optional[str] = None) -> EvalResult:
     """Evaluate a tledge checkpoint on an image folder with the checkpoint's own preprocessing.
 
-    ``predictions``: also write a CSV with one row per image (see :mod:`tledge.evaluation.predictions`).
+    Reports the most probable class, and the checkpoint's operating point when it has one; ``operating_point``
+    (``"CLASS:recall=0.95"``) chooses a new one on the run's validation split instead (split.json next to the
+    checkpoint). ``predictions``: also write a CSV with one row per image (:mod:`tledge.evaluation.predictions`).
     """
     ckpt = load_checkpoint(checkpoint)
     labels = list(ckpt["labels"])
+    spec = parse_spec(operating_point) if operating_point is not None else None
+    if spec is not None:
+        check_spec(spec, labels)
     prep = preprocess_of(ckpt)
     folder, samples = evaluation_samples(data, labels, split)
     decoded = decode_images(samples, prep, workers=workers, desc="decode")
@@ -66,14 +76,43 @@ def evaluate(checkpoint: Path, data: Path, *, split: Optional[str] = None, batch
         raise DataError(f"{folder}: none of the {len(samples)} images could be read", hint="see the skipped files")
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev, memory_format=torch.channels_last)
-    logits = infer(model, decoded.images, Normalize(prep, dev), batch_size=batch_size, device=dev, desc="evaluate")
-    r = report(confusion_matrix(decoded.labels, logits.argmax(1).numpy(), len(labels)), labels)
+    run = partial(infer, model, normalize=Normalize(prep, dev), batch_size=batch_size, device=dev)
+    logits = run(decoded.images, desc="evaluate").double().numpy()
+    r = report(confusion_matrix(decoded.labels, logits.argmax(1), len(labels)), labels)
     result = EvalResult(r, decoded.skipped, summarize_skipped(decoded.skipped, len(samples)), folder)
+    answers = Answers.from_dict(ckpt["answers"]) if ckpt.get("answers") else Answers()
+    if spec is not None:
+        val = _run_validation(Path(checkpoint), labels, prep, workers)
+        point, said = choose(spec, probabilities(run(val.images, desc="evaluate val").double().numpy(),
+                                                 answers.temperature), val.labels, labels, "val split")
+        if point is None:
+            raise DataError(f"--operating-point {operating_point}: {said}", hint="choose a target the model can reach")
+        answers = replace(answers, operating_point=point)
+    probs = probabilities(logits, answers.temperature)
+    if answers.operating_point is not None:
+        result.operating_point = answers.operating_point
+        decided = decide(probs, labels, answers.operating_point)
+        result.at_operating_point = report(confusion_matrix(decoded.labels, decided, len(labels)), labels)
     if predictions is not None:
-        probs = torch.softmax(logits.double(), dim=1).numpy()
         result.predictions = write_predictions(predictions, decoded.paths, decoded.labels, probs, labels)
     if plot is not None:
         from tledge.report.plots import plot_confusion
 
         result.plot = plot_confusion(r["confusion"], labels, plot, title=f"{folder.name}: accuracy {100 * r['accuracy']:.2f}%")
     return result
+
+
+def _run_validation(checkpoint: Path, labels: list[str], prep: Any, workers: int) -> Any:
+    """The run's validation images (split.json next to the checkpoint), decoded: where thresholds are chosen."""
+    saved = checkpoint.parent / "split.json"
+    if not saved.is_file():
+        raise DataError(f"{saved}: not found; --operating-point chooses its threshold on the run's validation split",
+                        hint="evaluate the best.pt inside its run folder, next to split.json")
+    splits = Splits.from_json(saved.read_text())
+    if list(splits.classes) != labels or not splits.val:
+        raise DataError(f"{saved}: no validation split of this checkpoint's classes",
+                        hint="evaluate the best.pt of the run that wrote this split.json")
+    val = decode_images(splits.val, prep, workers=workers, desc="decode val")
+    if len(val) == 0:
+        raise DataError(f"none of the run's {len(splits.val)} validation images can be read", hint="restore them")
+    return val

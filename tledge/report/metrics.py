@@ -53,3 +53,24 @@ def format_report(r: dict[str, Any]) -> str:
     for c, row in zip(classes, r["confusion"]):
         lines.append(f"{c:<{width}}  " + " ".join(f"{v:>{cw}d}" for v in row))
     return "\n".join(lines)
+
+
+def class_rates(r: dict[str, Any]) -> str:
+    """One line: each class's precision and recall (what accuracy hides on an unbalanced task)."""
+    return "; ".join(f"{c} precision {100 * m['precision']:.1f}% recall {100 * m['recall']:.1f}%"
+                     for c, m in r["per_class"].items())
+
+
+def operating_point_lines(answers: dict[str, Any]) -> list[str]:
+    """What the run's operating point is and gives on the test split (from metrics.json's ``answers``)."""
+    point = answers.get("operating_point")
+    if not point:
+        return []
+    if "refused" in point:
+        return [f"operating point {point['asked']} not set: {point['refused']}"]
+    lines = [f"operating point: {point['label']} when p({point['label']}) >= {point['threshold']:.4g}, chosen for "
+             f"{point['target']} on the {point['measured']}"]
+    at = answers.get("test_at_operating_point")
+    if at:
+        lines.append(f"test at the operating point: accuracy {100 * at['accuracy']:.2f}%; " + class_rates(at))
+    return lines

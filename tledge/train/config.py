@@ -51,6 +51,10 @@ class FinetuneConfig:
     # ImageNet (grayscale EL, X-ray, microscopy) at a few hundred images or more. Off by default:
     # on tiny datasets the estimates are noisy.
     adapt_bn: bool = False
+    # A binary task's decision threshold, chosen on the validation split after training and carried by every
+    # export: "CLASS:recall=0.95" (catch 95% of CLASS, as precisely as possible) or "CLASS:precision=0.9".
+    # None: the most probable class.
+    operating_point: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     out: Optional[str] = None  # run folder; default runs/exp, runs/exp2, ...
@@ -74,6 +78,10 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message, hint="see `tledge finetune --help`")
+        if self.operating_point is not None:
+            from tledge.answers.operating_point import parse_spec
+
+            parse_spec(self.operating_point)
 
     @property
     def head_epochs(self) -> int:

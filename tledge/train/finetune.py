@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tledge import __version__
@@ -98,36 +99,47 @@ def _finish(run: Run) -> RunResult:
         runfolder.remove_cache(out / "cache")
     best_path = out / "best.pt"
     best = load_checkpoint(best_path)
-    results = _evaluate_best(run, best)
+    results, logits = _evaluate_best(run, best)
+    answers, fitted = _fit_answers(run, logits)
     metrics = {
         "tledge_version": __version__, "arch": cfg.arch, "weights": cfg.weights, "best_epoch": run.state.best_epoch,
         "epochs_run": run.state.epoch, "classes": run.splits.classes, "images": run.splits.counts(),
         "skipped_images": runfolder.count_skipped(out),
         "train_seconds": round(sum(h["seconds"] for h in run.state.history), 1), "hflip": run.state.hflip,
         **{f"{k}_accuracy": v["accuracy"] for k, v in results.items()}, "reports": results, "config": cfg.to_dict(),
+        "answers": {**answers.to_dict(), **fitted},
     }
     if run.dist.main:
         _write_results(run, metrics, results)
         # Fold the final numbers into best.pt so `export` and `evaluate` see them without metrics.json.
         best["metrics"] = {**best.get("metrics", {}), **{f"{k}_accuracy": v["accuracy"] for k, v in results.items()}}
+        best["answers"] = answers.to_dict()  # exported into every model: what its answers mean
         save_checkpoint(best_path, {k: v for k, v in best.items() if k not in ("format", "format_version")})
     return RunResult(out=out, best=best_path, metrics=metrics, history=run.state.history)
 
 
-def _evaluate_best(run: Run, best: dict[str, Any]) -> dict[str, Any]:
-    """Classification reports of the best checkpoint on the val and test splits."""
+def _fit_answers(run: Run, logits: dict[str, tuple[Any, Any]]) -> tuple[Any, dict[str, Any]]:
+    from tledge.answers.fit import fit_answers
+
+    return fit_answers(run.cfg.operating_point, run.splits.classes, logits.get("val"), logits.get("test"))
+
+
+def _evaluate_best(run: Run, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """Classification reports of the best checkpoint on the val and test splits, and (logits, labels) of each."""
     cfg, dist, classes = run.cfg, run.dist, run.splits.classes
     model = create_model(cfg.arch, len(classes), "none", dropout=cfg.dropout)
     model.load_state_dict(best["state_dict"])
     model = model.to(dist.device, memory_format=torch.channels_last).eval()
     results: dict[str, Any] = {}
+    outputs: dict[str, tuple[Any, Any]] = {}
     for name, data in (("val", run.val), ("test", run.test)):
         if len(data) == 0:
             continue
         logits = infer(model, data.images, run.normalize, batch_size=cfg.batch_size, device=dist.device, amp=cfg.amp,
-                       desc=f"evaluate {name}")
-        results[name] = report(confusion_matrix(data.labels, logits.argmax(1).numpy(), len(classes)), classes)
-    return results
+                       desc=f"evaluate {name}").float().numpy()
+        results[name] = report(confusion_matrix(data.labels, logits.argmax(1), len(classes)), classes)
+        outputs[name] = (logits, np.asarray(data.labels))
+    return results, outputs
 
 
 def _write_results(run: Run, metrics: dict[str, Any], results: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tledge import __version__
+from tledge.answers.operating_point import check_spec, parse_spec
 from tledge.data.folders import Splits, load_splits
 from tledge.data.imagecache import DecodedImages, decode_images, require_every_class, summarize_skipped, train_geometry
 from tledge.errors import ConfigError
@@ -102,6 +103,8 @@ def open_run(cfg: FinetuneConfig, dist: dist_utils.Dist, resumed: Optional[dict[
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     splits = _splits_for(cfg, out, reuse=resumed is not None)  # bad data fails here, before any file is written
+    if cfg.operating_point is not None:  # an operating point this data cannot have fails before training too
+        check_spec(parse_spec(cfg.operating_point), splits.classes)
     if dist.main:
         _start_folder(cfg, dist, out, splits)
     # A resumed run keeps the preprocessing it was trained with, whatever the registry says today.
