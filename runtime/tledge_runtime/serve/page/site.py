@@ -34,7 +34,7 @@ CSP = "; ".join([
     "script-src 'self'",  # page.js only: no inline script, no eval
     "style-src 'self'",  # page.css only; CSSOM writes from page.js (bar widths) are not inline styles
     "img-src 'self' blob:",  # the icon, and the chosen photo or snapshot previewed from a blob: URL
-    "media-src 'self'",  # the camera preview is a MediaStream (srcObject), which CSP does not govern
+    "media-src 'none'",  # the camera preview is a MediaStream (srcObject), which media-src does not govern
     "connect-src 'self'",  # fetch() to this server's /info, /predict and /metrics only
     "frame-ancestors 'none'",  # nobody may frame the page (clickjacking); X-Frame-Options for older browsers
     "base-uri 'none'",
@@ -46,8 +46,9 @@ HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Permissions-Policy": "camera=(self), microphone=(), geolocation=(), payment=(), usb=()",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",  # other sites cannot embed the files
+    # No Cross-Origin-Opener-Policy: browsers ignore it on plain HTTP off loopback (most devices) and say so in
+    # the console; the page opens no windows, and frame-ancestors already keeps it out of other pages.
     "Cache-Control": "no-cache",  # revalidate (cheap, ETag): an upgraded runtime's page shows at once
 }
 
