@@ -6,12 +6,15 @@ names a path, there too (the README's is made so)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-import shutil
+import re
 import socket
 
 import pytest
 from page_testkit import chromium, wait_for, write_checked_model
+from PIL import Image
 from runtime_testkit import write_model
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -34,6 +37,20 @@ def checked(tmp_path_factory):
     path = write_checked_model(tmp_path_factory.mktemp("page-model") / "colours.onnx")
     with Classifier(path, device="cpu", check=True) as clf:
         yield clf
+
+
+@contextlib.contextmanager
+def _page(driver, classifier, host: str = "127.0.0.1", **overrides):
+    """A running server, its page loaded from ``host``; the browser leaves the page before the server stops (a page
+    left polling a stopped server would log refused connections into the next test)."""
+    with running(classifier, host=host if host == "127.0.0.1" else "0.0.0.0", **overrides) as srv:
+        driver.get_log("browser")  # what earlier pages logged is theirs
+        origin = f"http://{host}:{srv.port}"
+        driver.get(origin + "/")
+        try:
+            yield srv, origin
+        finally:
+            driver.get("about:blank")
 
 
 def _text(driver, element_id: str) -> str:
@@ -61,19 +78,37 @@ def _tab_to(driver, element_id: str) -> None:
     raise AssertionError(f"Tab never reached #{element_id}")
 
 
+def _latency(metrics: str, q: float) -> str:
+    """The q-quantile of /predict's latency histogram as the page shows it: linear within the bucket."""
+    buckets: dict[float, float] = {}
+    for le, n in re.findall(r'tledge_request_seconds_bucket\{endpoint="(?:predict|infer)",le="([^"]+)"\} (\S+)', metrics):
+        buckets[float(le)] = buckets.get(float(le), 0.0) + float(n)
+    items = sorted(buckets.items())
+    rank, lower, below = q * items[-1][1], 0.0, 0.0
+    for le, n in items:
+        if n >= rank:
+            assert le != math.inf, "the test's requests took longer than the top bucket"
+            ms = (lower + ((le - lower) * (rank - below)) / max(n - below, 1e-12)) * 1000
+            return f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
+        lower, below = le, n
+    raise AssertionError("no request in the histogram")
+
+
 def _screenshot(driver, tmp_path) -> None:
     shot = tmp_path / "page.png"
-    driver.save_screenshot(str(shot))
+    size = driver.get_window_size()
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(size["width"], height + size["height"] - driver.execute_script("return innerHeight"))
+    driver.save_screenshot(str(shot))  # the whole page: the window as tall as the document
+    driver.set_window_size(size["width"], size["height"])
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("TLEDGE_PAGE_SCREENSHOT"):
-        shutil.copyfile(shot, os.environ["TLEDGE_PAGE_SCREENSHOT"])
+    if os.environ.get("TLEDGE_PAGE_SCREENSHOT"):  # a palette PNG: a flat page in a fraction of the bytes
+        Image.open(shot).convert("RGB").quantize(256).save(os.environ["TLEDGE_PAGE_SCREENSHOT"], optimize=True)
 
 
 def test_the_page_shows_what_the_api_answers(browser, checked, images, tmp_path):
     png = images["red"][2]
-    with running(checked, token=TOKEN, max_bytes=1 << 20) as srv:
-        origin = f"http://127.0.0.1:{srv.port}"
-        browser.get(origin + "/")
+    with _page(browser, checked, token=TOKEN, max_bytes=1 << 20) as (srv, origin):
         wait_for("the token request", lambda: "needs a token" in _text(browser, "auth-msg"))
         _tab_to(browser, "token")
         browser.switch_to.active_element.send_keys(TOKEN + Keys.ENTER)
@@ -94,8 +129,13 @@ def test_the_page_shows_what_the_api_answers(browser, checked, images, tmp_path)
                                       "t => t.firstChild.getBoundingClientRect().width / t.clientWidth)")
         assert bars == pytest.approx([t["score"] for t in api["topk"]], abs=0.01)  # each bar as long as its score
 
-        wait_for("the live figures", lambda: _text(browser, "answered") not in ("", "–", "0")
-                 and _text(browser, "p50").endswith("ms"))
+        # Two answers (the page's and the test's), then a quiet refresh: the page's latency is the whole histogram's,
+        # which the test computes from the same /metrics the same way (Prometheus' histogram_quantile).
+        wait_for("the live figures", lambda: _text(browser, "answered") == "2"
+                 and _text(browser, "live-scope") == "from the server's first request", timeout_s=20)
+        metrics = request(srv, "GET", "/metrics", headers=AUTH)[1].decode()
+        assert (_text(browser, "p50"), _text(browser, "p99")) == (_latency(metrics, 0.5), _latency(metrics, 0.99))
+        assert _text(browser, "unknown-rate") == "not reported by this server"
         _screenshot(browser, tmp_path)
         urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert urls and all(u.startswith(origin + "/") and TOKEN not in u for u in urls), urls
@@ -115,8 +155,7 @@ def test_the_page_shows_what_the_api_answers(browser, checked, images, tmp_path)
 def test_labels_are_shown_as_text_and_the_camera_snapshot_is_answered(browser, tmp_path, images):
     labels = ('red <img src=x id="injected">', "green & <b>bold</b>", "blue")
     path = write_model(tmp_path / "hostile.onnx", labels=labels)
-    with Classifier(path, device="cpu") as clf, running(clf, max_bytes=1 << 20) as srv:
-        browser.get(f"http://127.0.0.1:{srv.port}/")
+    with Classifier(path, device="cpu") as clf, _page(browser, clf, max_bytes=1 << 20):
         wait_for("the model card", lambda: "hostile.onnx" in _text(browser, "card-list"))
         assert not _visible(browser, "auth")  # a server without a token asks for none
         assert "not run by this server" not in _text(browser, "card-list")
@@ -155,8 +194,7 @@ def test_over_plain_http_off_loopback_the_camera_says_why_it_is_off(browser, cla
     address = _lan_address()
     if address is None:
         pytest.skip("this machine has no network address besides loopback to reach the page as a remote browser")
-    with running(classifier, host="0.0.0.0", token=TOKEN) as srv:
-        browser.get(f"http://{address}:{srv.port}/")
+    with _page(browser, classifier, host=address, token=TOKEN):
         wait_for("the token request", lambda: "needs a token" in _text(browser, "auth-msg"))
         note = _text(browser, "camera-note")
         assert "HTTPS or on localhost" in note and "--ssl-certfile" in note

@@ -9,6 +9,7 @@
   const TOKEN_KEY = "tledge-token";
   const MAX_TOKEN_CHARS = 1024;
   const REFRESH_MS = 3000; // live figures, while the page is visible
+  const MIN_WINDOW_S = 1; // a refresh right after an answer does not make a rate of a few hundred milliseconds
   const INFERENCE = new Set(["predict", "infer"]); // endpoint labels of the server's metrics that run the model
   // Counters of "unknown" answers (models with an out-of-distribution score): any tledge_*unknown*_total counter,
   // summed over its labels; or a ready-made ratio gauge. Servers and models without them show "not reported".
@@ -173,8 +174,9 @@
     const prov = isObj(meta.provenance) ? meta.provenance : {};
     const pre = isObj(meta.preprocess) ? meta.preprocess : {};
     const labels = Array.isArray(info.labels) ? info.labels.map((l) => str(l)) : [];
-    const names = Array.isArray(info.names) ? ` (served as ${info.names.map((n) => str(n, 100)).join(", ")})` : "";
-    row("Name", str(info.model) + names);
+    const names = Array.isArray(info.names) ? info.names.map((n) => str(n, 100)).join(", ") : "";
+    row("File", str(info.model));
+    if (names) row("Served as", names);
     if ("version" in info) row("Version", str(info.version, 100));
     row("Architecture", str(prov.architecture));
     row("Precision", str(meta.precision) + quantization(meta.quantization));
@@ -209,7 +211,8 @@
     const rc = info.reference_check;
     const refs = isObj(meta.reference_set) && Array.isArray(meta.reference_set.items) ? meta.reference_set.items.length : 0;
     if (isObj(rc) && rc.ok === true) {
-      return [`passed when serve started, on ${str(info.backend)} (${str(rc.references, 20)} references)`, "ok"];
+      const n = isNum(rc.references) ? rc.references : 0;
+      return [`passed when serve started, on ${str(info.backend)} (${n} reference${n === 1 ? "" : "s"})`, "ok"];
     }
     if (isObj(rc)) return ["FAILED when serve started: see the server's log", "bad"];
     if (refs) return [`not run by this server: ${refs} references carried (start serve with --check)`, ""];
@@ -389,9 +392,9 @@
 
   function showFigures(now) {
     let prev = state.last;
-    state.last = now;
     if (prev && now.requests < prev.requests) prev = null; // the server restarted: its counters began again
     const dt = prev ? (now.t - prev.t) / 1000 : 0;
+    if (!prev || dt >= MIN_WINDOW_S) state.last = now; // else the next window starts from the older sample
     say("rps", prev && dt > 0 ? ((now.requests - prev.requests) / dt).toFixed(1) : "measuring…");
     let buckets = now.buckets;
     let scope = "from the server's first request";
@@ -400,7 +403,7 @@
       const recent = now.buckets.map(([le, n]) => [le, n - (before.get(le) || 0)]);
       if (recent.length && recent[recent.length - 1][1] > 0) {
         buckets = recent;
-        scope = `over the last ${dt.toFixed(0)} s`;
+        scope = `over the last ${dt.toFixed(1)} s`;
       }
     }
     say("p50", latency(quantile(0.5, buckets)));
@@ -438,7 +441,7 @@
 
   function unknownRate(now, prev) {
     if (now.ratio !== null) return pct(now.ratio, 1);
-    if (now.unknown === null) return "not reported (no out-of-distribution score)";
+    if (now.unknown === null) return "not reported by this server";
     const answered = prev ? now.answered - prev.answered : now.answered;
     const unknown = prev && prev.unknown !== null ? now.unknown - prev.unknown : now.unknown;
     if (answered > 0) return pct(unknown / answered, 1);
