@@ -200,3 +200,84 @@ def test_over_plain_http_off_loopback_the_camera_says_why_it_is_off(browser, cla
         assert "HTTPS or on localhost" in note and "--ssl-certfile" in note
         assert not _visible(browser, "camera-start")
         assert _problems(browser) == []
+
+
+# What newer servers add (issue 20: prediction sets and "unknown"; issue 21: versions and signatures), answered by a
+# stand-in API beside the page's real routes: the page shows each field when it is there.
+_FUTURE_INFO = {"model": "future.onnx", "names": ["future"], "backend": "ort-cpu", "labels": ["red", "green", "blue"],
+                "limits": {"max_bytes": 1 << 20, "timeout_s": 5}, "version": 3,
+                "signature": {"verified": True, "signer": "ops@example.com"},
+                "meta": {"precision": "int8", "provenance": {"architecture": "resnet18"},
+                         "preprocess": {"height": 224, "width": 224, "resize": "crop"}},
+                "reference_check": None}
+_FUTURE_ANSWER = {"label": "green", "index": 1, "score": 0.41, "latency_ms": 2.5, "candidates": ["green", "red"],
+                  "unknown": True, "ood_score": 7.25,
+                  "topk": [{"label": "green", "index": 1, "score": 0.41}, {"label": "red", "index": 0, "score": 0.39},
+                           {"label": "blue", "index": 2, "score": 0.2}]}
+_FUTURE_METRICS = """# HELP tledge_requests_total HTTP requests answered, by endpoint and status
+tledge_requests_total{endpoint="predict",status="200"} 4.0
+tledge_requests_total{endpoint="metrics",status="200"} 9.0
+tledge_request_seconds_bucket{endpoint="predict",le="0.01"} 2.0
+tledge_request_seconds_bucket{endpoint="predict",le="0.1"} 4.0
+tledge_request_seconds_bucket{endpoint="predict",le="+Inf"} 4.0
+tledge_unknown_total{model="future"} 1.0
+"""
+
+
+@contextlib.contextmanager
+def _future_server():
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    from tledge_runtime.serve.page import site
+
+    async def info(request):
+        return JSONResponse(_FUTURE_INFO)
+
+    async def predict(request):
+        await request.body()
+        return JSONResponse(_FUTURE_ANSWER)
+
+    async def metrics(request):
+        return PlainTextResponse(_FUTURE_METRICS)
+
+    app = Starlette(routes=[*site.routes(), Route("/info", info), Route("/predict", predict, methods=["POST"]),
+                            Route("/metrics", metrics)])
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False))
+    sock = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for("the stand-in server", lambda: server.started)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_fields_of_newer_servers_are_shown_when_present(browser, images):
+    with _future_server() as origin:
+        browser.get_log("browser")
+        browser.get(origin + "/")
+        try:
+            wait_for("the model card", lambda: "future.onnx" in _text(browser, "card-list"))
+            card = _text(browser, "card-list")
+            assert "Version\n3" in card and "Signature\nverified (ops@example.com)" in card
+            wait_for("the unknown rate", lambda: _text(browser, "unknown-rate") == "25.0%")
+            assert _text(browser, "answered") == "4" and _text(browser, "p50") == "10.0 ms"
+            browser.find_element(By.ID, "file").send_keys(str(images["green"][0]))
+            wait_for("the answer", lambda: _text(browser, "label") == "green")
+            assert _text(browser, "unknown") == ("Unknown: this image looks unlike the training data "
+                                                 "(out-of-distribution score 7.250). Nearest class: green.")
+            assert _text(browser, "set") == "Prediction set: green, red: unsure, route to a person"
+            in_set = [li.find_element(By.CLASS_NAME, "name").text
+                      for li in browser.find_elements(By.CSS_SELECTOR, "#topk li.in-set")]
+            assert in_set == ["green", "red"]
+            assert _problems(browser) == []
+        finally:
+            browser.get("about:blank")

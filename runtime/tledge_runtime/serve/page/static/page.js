@@ -162,7 +162,10 @@
       state.last = null;
       scheduleMetrics(0);
     } catch (e) {
-      if (e.status !== 401) say("conn", `${e.message} (${e.hint})`, "error");
+      if (e.status === 401) return; // refused() asked for the token; a new one loads the card again
+      say("conn", `${e.message} (${e.hint}); trying again every ${REFRESH_MS / 1000} s`, "error");
+      clearTimeout(state.timer);
+      state.timer = setTimeout(loadInfo, REFRESH_MS); // a device that restarts comes back by itself
     }
   }
 
