@@ -78,6 +78,7 @@ class Classifier:
         self._nhwc = self.meta.input.layout == "NHWC"
         b = opened.backend
         self._chunk = b.fixed_batch or min(b.max_batch or DEFAULT_CHUNK, DEFAULT_CHUNK)
+        self.check_report: Any = None  # the latest self_check() (a CheckReport); serve's /info reports it
         if check:
             try:
                 self.self_check().raise_for_failures()
@@ -95,6 +96,7 @@ class Classifier:
                              [check_numerics(self.meta, self.backend_name, self.run_graph, traces)])
         log.info("%s: reference check on %s: %s", self.path.name, self.backend_name,
                  "all stages hold" if report.ok else "; ".join(report.failures()))
+        self.check_report = report
         return report
 
     # ---------------------------------------------------------------- properties

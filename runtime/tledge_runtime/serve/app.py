@@ -37,6 +37,7 @@ from tledge_runtime.serve.batch import IMAGES, TENSOR, Batcher
 from tledge_runtime.serve.http import (
     Guard,
     HTTPError,
+    NoSniff,
     Observe,
     content_length,
     discard_rest,
@@ -49,6 +50,7 @@ from tledge_runtime.serve.http import (
     unexpected,
 )
 from tledge_runtime.serve.metrics import Metrics
+from tledge_runtime.serve.page import site as page
 
 if TYPE_CHECKING:
     from tledge_runtime.classifier import Classifier
@@ -106,9 +108,10 @@ def build_app(classifier: Classifier, config: ServeConfig, name: str) -> tuple[A
                    Route(prefix + "/infer", h.infer, methods=["POST"])]
     routes += [Route("/predict", h.predict, methods=["POST"]), Route("/health", h.health), Route("/info", h.info),
                Route("/metrics", h.metrics)]
+    routes += page.routes()  # GET / and the page's files, open without the token (nothing secret in them)
     handlers = {HTTPException: http_exception, TledgeError: tledge_error, Exception: unexpected}
     app = Starlette(routes=routes, exception_handlers=handlers)
-    return Observe(Guard(app, config.token), metrics), state
+    return NoSniff(Observe(Guard(app, config.token, open_paths=page.PATHS), metrics)), state
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -151,7 +154,9 @@ class _Handlers:
                              "labels": list(clf.labels),
                              "limits": {"max_bytes": cfg.max_bytes, "max_queue": cfg.max_queue,
                                         "timeout_s": cfg.timeout_s},
-                             "meta": clf.meta.to_dict()})
+                             "meta": clf.meta.to_dict(),
+                             # the reference check on this backend if one ran (serve --check); the page shows it
+                             "reference_check": None if clf.check_report is None else clf.check_report.to_dict()})
 
     async def metrics(self, request: Request) -> Response:
         body, content_type = self.s.metrics.render()

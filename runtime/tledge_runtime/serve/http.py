@@ -35,6 +35,7 @@ _ENDPOINTS = [
     (re.compile(r"^/health$"), "health"),
     (re.compile(r"^/info$"), "info"),
     (re.compile(r"^/metrics$"), "metrics"),
+    (re.compile(r"^/(page/[^/]+)?$"), "page"),
 ]
 
 
@@ -71,14 +72,17 @@ class Observe:
 
 
 class Guard:
-    """Bearer-token check before routing and before the body: liveness and readiness stay open."""
+    """Bearer-token check before routing and before the body: liveness, readiness and ``open_paths`` (the
+    page's files, exact paths) stay open."""
 
-    def __init__(self, app: Any, token: str | None):
+    def __init__(self, app: Any, token: str | None, open_paths: frozenset[str] = frozenset()):
         self.app = app
         self._expected = f"Bearer {token}".encode() if token else None
+        self._open_paths = open_paths
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or self._expected is None or _OPEN.match(scope["path"]):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or self._expected is None or path in self._open_paths or _OPEN.match(path):
             return await self.app(scope, receive, send)
         sent = b""
         for key, value in scope["headers"]:
@@ -90,6 +94,27 @@ class Guard:
         response = error(401, message, "send the header 'Authorization: Bearer <token>' with the server's token",
                           {"WWW-Authenticate": 'Bearer realm="tledge-runtime"'})
         await response(scope, receive, send)
+
+
+class NoSniff:
+    """``X-Content-Type-Options: nosniff`` on every answer, errors included: a browser takes each body as the
+    type it is sent as (JSON, Prometheus text) and never sniffs one into HTML or script."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def hardened(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-content-type-options" for k, _ in headers):
+                    message = {**message, "headers": [*headers, (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+
+        await self.app(scope, receive, hardened)
 
 
 def endpoint_of(path: str) -> str:
