@@ -120,7 +120,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("TLEDGE_PROGRESS", "0")
-    from tledge.evaluation.benchmark import benchmark, machine_info, to_markdown
+    from tledge.evaluation.bench_table import machine_info, to_markdown
+    from tledge.evaluation.benchmark import benchmark
 
     work = Path(tempfile.mkdtemp(prefix="tledge-rtspeed-"))
     try:

@@ -29,6 +29,7 @@ class _LineProgress:
         self.n, self.interval, self.enabled = 0, interval, enabled
         self.start = self._last = time.perf_counter()
         self.postfix: dict[str, Any] = {}
+        self._shown: Optional[tuple[int, str]] = None  # the last line's count and numbers: never printed twice
 
     def __iter__(self) -> Iterator:
         for item in self.iterable or ():
@@ -57,7 +58,8 @@ class _LineProgress:
 
     def close(self) -> None:
         if self.enabled:
-            self._emit()
+            if self._shown != (self.n, self._extra()):
+                self._emit()
             self.enabled = False
 
     def _emit(self) -> None:
@@ -69,9 +71,14 @@ class _LineProgress:
         eta = ""
         if self.total and rate > 0 and self.n < self.total:
             eta = f", ETA {(self.total - self.n) / rate:.0f}s"
-        extra = " ".join(f"{k}={v}" for k, v in self.postfix.items())
+        extra = self._extra()
+        self._shown = (self.n, extra)
         print(f"{self.desc}: {self.n}{of} {self.unit} [{elapsed:.0f}s, {rate:.1f} {self.unit}/s{eta}] {extra}".rstrip(),
               file=sys.stderr, flush=True)
+
+
+    def _extra(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.postfix.items())
 
 
 def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None, desc: str = "",

@@ -110,7 +110,7 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
                           hint="move that file away, or export to another --out folder")
     data = model.SerializeToString()
     write_file(path, data)
-    log.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
+    log.debug("wrote %s (%.1f MB)", path, len(data) / 1e6)  # the export step says it once, with its numbers
     return path
 
 

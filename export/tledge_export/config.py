@@ -7,6 +7,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Optional
 
 from tledge_export.errors import ExportError
+from tledge_runtime.model.export_report import REPORT_NAME  # noqa: F401 - the runtime reads it too
 
 # File name of each format inside the export folder (`tledge benchmark` looks for the first three).
 FILE_NAMES = {
@@ -15,7 +16,6 @@ FILE_NAMES = {
     "int8": "model.int8.onnx",  # CPU flavour: u8 activations, s8 per-channel weights
     "int8-trt": "model.int8-trt.onnx",  # TensorRT flavour: symmetric s8
 }
-REPORT_NAME = "report.json"
 
 # Budgets against PyTorch on the held-out images (see tledge_export.verify.compare for why these values).
 FP32_ATOL = 1e-4  # logits: |Δ| <= atol + rtol * |logit|

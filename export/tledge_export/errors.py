@@ -43,3 +43,8 @@ class ExportFailed(ExportError, CheckFailed):
             if f.hint and f.hint not in hints:
                 hints.append(f.hint)
         super().__init__(message, hint="; ".join(hints) or None)
+
+
+class ExportRefused(ExportError, CheckFailed):
+    """The command-line form of :class:`ExportFailed`: one line saying what was written and what was refused (the
+    numbers of each refusal are printed once, when it was decided), with what to try."""

@@ -112,7 +112,13 @@ def _run_steps(job: ExportJob) -> tuple[list[FormatResult], Optional[Path]]:
         if cfg.engine:
             from tledge_export.engines import build_engines
 
-            results += build_engines([r for r in results if r.ok], job.reference, cfg, job.out)
+            engines = build_engines([r for r in results if r.ok], job.reference, cfg, job.out)
+            for r in engines:  # said once, here, like every other format's decision
+                if r.ok:
+                    log.info("%s kept: %s", r.format, r.path.name if r.path else "-")
+                else:
+                    log.warning("%s not written (%s): %s", r.format, r.status, r.message)
+            results += engines
             done("engine")
         triton = write_triton(job.out / "triton", results, max_batch=cfg.max_batch) if cfg.triton else None
         if cfg.triton:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tledge_export.artifact import write_file
-from tledge_export.errors import ExportFailed, Failure
+from tledge_export.config import FILE_NAMES
+from tledge_export.errors import ExportFailed, ExportRefused, Failure
 from tledge_export.verify.compare import row, table
 from tledge_runtime.model.verification import Verification
 
@@ -34,6 +35,7 @@ class FormatResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "status": self.status, "file": self.path.name if self.path else None,
+                "file_name": FILE_NAMES.get(self.format),  # what it is called when written (the runtime reads it)
                 "bytes": self.size_bytes, "verification": self.parity.to_dict() if self.parity else None,
                 "message": self.message, "hint": self.hint, **self.details}
 
@@ -67,6 +69,22 @@ class ExportResult:
         failures = self.failures()
         if failures:
             raise ExportFailed(failures)
+
+    def summary_line(self) -> str:
+        """One line: what was written and what was refused (the reasons are in the log lines and report.json)."""
+        written = [f.path.name for f in self.formats if f.ok and f.path]
+        extras = [self.report.name] + (["triton/"] if self.triton else [])
+        line = f"wrote {', '.join(written) or 'no model'} (+ {', '.join(extras)}) to {self.out}"
+        refused = [f"{f.format} ({STATUS_WORDS[f.status].lower()})" for f in self.formats if not f.ok]
+        return (f"refused {', '.join(refused)}; " if refused else "") + line
+
+    def raise_for_refusals(self) -> None:
+        """A one-line :class:`ExportRefused` (exit status 1) when a format was refused: the summary, and what to
+        try; the numbers were said once, when each format was decided (log) and are in report.json."""
+        failures = self.failures()
+        if failures:
+            hints = list(dict.fromkeys(f.hint for f in failures if f.hint))
+            raise ExportRefused(self.summary_line(), hint="; ".join(hints) or f"see {self.report}")
 
     def table(self) -> str:
         return table([row(f.format, f.path.name if f.path else "", f.size_bytes, f.parity, STATUS_WORDS[f.status])

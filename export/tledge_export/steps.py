@@ -11,8 +11,8 @@ A format over budget is not written (and an older file of that name tledge wrote
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,6 +49,7 @@ class ExportJob:
     measured: str  # when the export ran (ISO 8601 UTC), recorded in every verification
     references: Optional[ReferenceSet] = None  # embedded in every model, trimmed to each model's size
     progress: Optional[Callable[..., Any]] = None  # tqdm-like factory
+    written: list[FormatResult] = field(default_factory=list)  # the formats decided so far, in order
 
     def bake(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return bake_preprocess(model, self.meta.preprocess) if self.config.bake_preprocess else model
@@ -97,11 +98,14 @@ def write_verified(job: ExportJob, fmt: str, core: onnx.ModelProto, precision: s
         artifact.embed_meta(final, meta)
         artifact.save_onnx(final, path)
         result.path, result.size_bytes = path, path.stat().st_size
+        numbers = verification.summary() if budget.kind == "accuracy" else f"max |Δlogit| {verification.max_abs_diff:.2g}"
+        log.info("%s kept: %s, %.1f MB (%s)", fmt, path.name, result.size_bytes / 1e6, numbers)
     else:
         artifact.remove_stale(path)
         result.status, result.message = "over_budget", "; ".join(verification.failures)
-        result.hint = budget_hint(fmt, verification, result.details)
-        log.error("%s over budget, not written: %s", fmt, result.message)
+        result.hint = budget_hint(fmt, verification, result.details, job.written)
+        log.warning("%s refused, not written: %s", fmt, result.message)
+    job.written.append(result)
     return result
 
 
@@ -120,15 +124,18 @@ def format_meta(job: ExportJob, model: onnx.ModelProto, precision: str, verifica
         verification=verification)
 
 
-def budget_hint(fmt: str, v: Verification, details: dict[str, Any]) -> str:
-    """What to try when ``fmt`` missed its budget, from what was tried already."""
+def budget_hint(fmt: str, v: Verification, details: dict[str, Any], decided: Sequence[FormatResult] = ()) -> str:
+    """What to try when ``fmt`` missed its budget, from what was tried already (``decided``: the formats this
+    export has decided before it; a format it refused is never suggested)."""
     few = (f"with {v.images} held-out images one changed prediction moves accuracy by "
            f"{100 / max(v.images, 1):.2g} points")
+    refused = {r.format for r in decided if not r.ok}
+    ship = "ship fp16, which keeps accuracy" if "fp16" not in refused else "ship the fp32 model"
     if fmt == "fp32":
         return ("the ONNX graph does not compute what the PyTorch model does: try --exporter dynamo or "
                 "another --opset, and report the architecture")
     if fmt == "fp16":
-        return f"ship the fp32 or int8 model instead, or verify on more held-out images ({few})"
+        return f"ship the fp32 model instead, or verify on more held-out images ({few})"
     aware = details.get("accuracy_aware") or details.get("post_training", {})
     used = details.get("quantization", {}).get("method")
     others = " or ".join(m for m in METHODS if m != used)
@@ -139,7 +146,7 @@ def budget_hint(fmt: str, v: Verification, details: dict[str, Any]) -> str:
         what = (f"post-training int8 (up to {post.get('limit', 0)} node(s) kept in float) and {qat} both missed it"
                 if post else f"{qat} missed it")
         return (f"{what}: try a longer QAT (a larger --qat-epochs), a larger --calib-size, --calib-method {others}, "
-                f"a looser --budget / --min-agreement, or ship fp16, which keeps accuracy ({few})")
+                f"a looser --budget / --min-agreement, or {ship} ({few})")
     limit = aware.get("limit", 0)
     if limit:
         kept = (f"accuracy-aware int8 tried up to {limit} node(s) in float (its limit) without meeting it, "
@@ -147,7 +154,7 @@ def budget_hint(fmt: str, v: Verification, details: dict[str, Any]) -> str:
     else:
         kept = "accuracy-aware int8 kept no node in float (--max-float-nodes 0, or no node ranked); "
     return (kept + f"try --qat on, --calib-method {others}, a larger --calib-size, a larger --max-float-nodes, "
-            f"or a looser --budget / --min-agreement; or ship fp16, which keeps accuracy ({few})")
+            f"or a looser --budget / --min-agreement; or {ship} ({few})")
 
 
 def quant_dict(q: Quantization) -> dict[str, Any]:

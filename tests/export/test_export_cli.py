@@ -75,12 +75,23 @@ def test_int8_over_budget_exits_1_with_the_numbers(tiny_run, exported, tmp_path)
     for name in ("model.int8.onnx", ".tledge-export"):  # left by an earlier, good export into this folder
         shutil.copy(exported.out / name, out / name)
     result = run(str(tiny_run.best), "--out", str(out), "--int8", "--calib", str(calib), "--budget", "0",
-                 "--max-float-nodes", "1", "--batch", "4", "--json", "--workers", "2")
-    # post-training int8 (accuracy-aware) missed, so did quantization-aware training (--qat auto): both are said
-    error = _one_line_error(result, 1, "int8: accuracy drop", "points > budget 0", "% vs PyTorch",
-                            "post-training int8 (up to 1 node(s) kept in float) and quantization-aware training",
-                            "--calib-method", "--qat-epochs")
-    report = json.loads(result.stdout)  # stdout is the JSON report alone, even when the export fails
+                 "--max-float-nodes", "1", "--batch", "4", "--workers", "2")
+    # post-training int8 (accuracy-aware) missed, so did quantization-aware training (--qat auto): both are said,
+    # each decision once, then one error line: what was refused and written, and what to try
+    _one_line_error(result, 1, "refused int8 (over budget); wrote model.onnx (+ report.json)",
+                    "post-training int8 (up to 1 node(s) kept in float) and quantization-aware training",
+                    "--calib-method", "--qat-epochs")
+    lines = result.output.splitlines()
+    refused = [line for line in lines if line.startswith("warning: int8 refused, not written: ")]
+    assert len(refused) == 1 and "points > budget 0" in refused[0] and "% vs PyTorch" in refused[0]
+    error = refused[0]
+    story = [line for line in lines if line.startswith(("post-training int8", "quantization-aware training next",
+                                                         "QAT int8"))]
+    assert [s.split(",")[0].split(":")[0] for s in story][:1] == ["post-training int8"]
+    assert any(s.startswith("quantization-aware training next, because post-training int8 missed") for s in story)
+    assert any(s.startswith("QAT int8, every node int8:") for s in story)
+    assert len(lines) == len(set(lines)), "a line was printed twice"
+    report = json.loads((out / "report.json").read_text())
     formats = {f["format"]: f for f in report["formats"]}
     assert formats["fp32"]["status"] == "ok" and formats["int8"]["status"] == "over_budget"
     assert not report["ok"] and report["images"]["calibration"] == 6

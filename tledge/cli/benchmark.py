@@ -48,7 +48,8 @@ def _batches(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--budget-int8", type=click.FloatRange(0), default=1.0, show_default=True, help="Accuracy budget, points.")
 @click.option("--budget-fp16", type=click.FloatRange(0), default=0.1, show_default=True, help="Accuracy budget, points.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="PNG of accuracy against latency with the Pareto front [default: benchmark.png beside the models].")
+              help="PNG of accuracy against latency with the Pareto front, and the table beside it as .md and .json "
+                   "[default: benchmark.png in the run folder, else beside the models].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 def benchmark(paths: tuple[Path, ...], data: Path, backends: tuple[str, ...], batch: int, warmup: int, iters: int,
               threads: Optional[int], max_images: Optional[int], budget_int8: float, budget_fp16: float,
@@ -60,13 +61,14 @@ def benchmark(paths: tuple[Path, ...], data: Path, backends: tuple[str, ...], ba
     latency at batch 1, throughput at the larger batch, and a status (ok / over budget /
     failed / missing), then the fastest format within its budget.
     """
+    from tledge.evaluation.bench_table import to_markdown
     from tledge.evaluation.benchmark import benchmark as run_benchmark
-    from tledge.evaluation.benchmark import discover, to_markdown
+    from tledge.evaluation.benchmark import discover
 
     setup_logging(quiet=as_json)
     if plot is None:
-        found = discover(paths)
-        anchor = found.models[0].parent if found.models else found.checkpoint.parent
+        found = discover(paths)  # the run folder when there is one: the plot and tables belong to the run
+        anchor = found.checkpoint.parent if found.checkpoint is not None else found.models[0].parent
         plot = anchor / "benchmark.png"
     result = run_benchmark(paths, data, backends=backends, batch=batch, warmup=warmup, iters=iters, threads=threads,
                            max_images=max_images, budgets={"int8": budget_int8, "fp16": budget_fp16}, plot=plot)
@@ -79,4 +81,4 @@ def benchmark(paths: tuple[Path, ...], data: Path, backends: tuple[str, ...], ba
     echo(to_markdown(result))  # rows are named by model files
     echo(f"recommendation: {result.recommendation}")
     if result.plot:
-        echo(f"wrote {result.plot}")
+        echo(f"wrote {', '.join(str(p) for p in [result.plot, *result.saved])}")

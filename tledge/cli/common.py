@@ -87,23 +87,36 @@ class _CurrentStderrHandler(logging.StreamHandler):
 
 
 class _PrintableFormatter(logging.Formatter):
-    """Log lines name classes and files: their control characters are escaped (each line on its own)."""
+    """The house format: information plainly, ``warning: ...`` and ``error: ...`` for what went wrong (the prefix of
+    error lines the commands print themselves); names from files with control characters escaped."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return printable_lines(super().format(record))
+        text = super().format(record)
+        if record.levelno >= logging.ERROR:
+            text = "error: " + text
+        elif record.levelno >= logging.WARNING:
+            text = "warning: " + text
+        return printable_lines(text)
+
+
+# Every tledge package logs; the CLI shows all of them in one voice (no "ERROR:tledge_export.steps:" prefixes).
+# The runtime's own information lines (backend chosen, reference check passed) are its CLI's business: here only
+# its warnings and errors show.
+LOGGERS = {"tledge": logging.INFO, "tledge_export": logging.INFO, "tledge_runtime": logging.WARNING}
 
 
 def setup_logging(quiet: bool = False) -> None:
     """Core modules log; the CLI prints those lines plainly on stderr."""
-    root = logging.getLogger("tledge")
-    if not any(isinstance(h, _CurrentStderrHandler) for h in root.handlers):
-        handler = _CurrentStderrHandler()
-        handler.setFormatter(_PrintableFormatter("%(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    # Libraries that call logging.info() at module level give the root logger a handler of its own
-    # (logging.basicConfig); without this every tledge line would then print twice.
-    root.propagate = False
+    for name, level in LOGGERS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _CurrentStderrHandler) for h in logger.handlers):
+            handler = _CurrentStderrHandler()
+            handler.setFormatter(_PrintableFormatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(max(level, logging.WARNING) if quiet else level)
+        # Libraries that call logging.info() at module level give the root logger a handler of its own
+        # (logging.basicConfig); without this every tledge line would then print twice.
+        logger.propagate = False
 
 
 def emit_json(obj: Any) -> None:
@@ -115,16 +128,6 @@ def echo(text: Any) -> None:
     click.echo(printable_lines(text))
 
 
-
-
-def share_logging(name: str) -> None:
-    """Show another tledge package's log lines exactly like tledge's own (same handler and level)."""
-    source, target = logging.getLogger("tledge"), logging.getLogger(name)
-    for handler in source.handlers:
-        if handler not in target.handlers:
-            target.addHandler(handler)
-    target.setLevel(source.level)
-    target.propagate = False
 
 
 def config_option(default_of: Callable[[str], Any]) -> Callable[..., Callable]:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import click
 
-from tledge.cli.common import HELP, config_option, echo, setup_logging, share_logging
+from tledge.cli.common import HELP, config_option, echo, setup_logging
 from tledge.train.config import CalibrationSource
 from tledge_export.config import EXPORTERS, METHODS, QAT_MODES, TARGETS, default
 
@@ -98,7 +98,6 @@ def export(checkpoint: Path, out: Optional[Path], calib: Optional[Path], calib_s
     from tledge_export import ExportConfig
 
     setup_logging(quiet=as_json)
-    share_logging("tledge_export")
     config = ExportConfig(out=str(out) if out else None, **opts)
     source = CalibrationSource(folder=str(calib) if calib else None, size=calib_size)
     result = export_checkpoint(checkpoint, config, calibration=source, workers=workers)
@@ -106,7 +105,6 @@ def export(checkpoint: Path, out: Optional[Path], calib: Optional[Path], calib_s
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         echo(result.table())
-        written = [f.path.name for f in result.formats if f.ok and f.path]
-        echo(f"wrote {result.out}: {', '.join(written) or 'no model'} (+ {result.report.name}"
-             + (", triton/" if result.triton else "") + ")")
-    result.raise_for_failures()
+        if result.ok:
+            echo(result.summary_line())
+    result.raise_for_refusals()

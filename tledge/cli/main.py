@@ -134,7 +134,11 @@ def demo(data: Path, out: Optional[Path], arch: Optional[str], img_size: Optiona
     setup_logging()
     cfg = with_overrides(DemoConfig(data=str(data), out=str(out) if out else None, bench_iters=iters),
                          arch=arch, img_size=img_size, epochs=epochs, freeze_epochs=freeze_epochs)
-    echo(summary(run_demo(cfg)))
+    result = run_demo(cfg)
+    echo(summary(result))
+    if result.export.ok:
+        echo(result.export.summary_line())
+    result.export.raise_for_refusals()  # a refused format: one error line, status 1
 
 
 for command in (finetune, export, benchmark):

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -27,6 +25,7 @@ import numpy as np
 from tledge.data.folders import stratified_sample
 from tledge.data.imagecache import decode_images, summarize_skipped
 from tledge.errors import ConfigError, DataError
+from tledge.evaluation.bench_table import BenchResult, Row, machine_info, recommend
 from tledge.evaluation.evaluate import evaluation_samples
 from tledge.progress import progress
 from tledge_export.config import FILE_NAMES, FP16_BUDGET, INT8_BUDGET
@@ -40,44 +39,6 @@ DEFAULT_BUDGETS = {"fp32": FP16_BUDGET, "fp16": FP16_BUDGET, "int8": INT8_BUDGET
 # The files `tledge export` writes by default; absent ones are listed as "missing" rows.
 STANDARD_FILES = {FILE_NAMES[p]: p for p in ("fp32", "fp16", "int8")}
 MODEL_SUFFIXES = (".onnx", ".engine")
-
-
-@dataclass
-class Row:
-    name: str
-    precision: str
-    backend: str
-    size_mb: Optional[float] = None
-    accuracy: Optional[float] = None
-    delta_points: Optional[float] = None  # accuracy minus PyTorch's, in percentage points
-    agreement: Optional[float] = None  # % of images where top-1 equals PyTorch's top-1
-    p50_ms: Optional[float] = None
-    p99_ms: Optional[float] = None
-    throughput: Optional[float] = None  # images/s at the large batch
-    check: str = "-"  # the model's reference check on this backend: ok | differs (stage) | - (no reference set)
-    status: str = "ok"  # ok | over budget | failed | missing | check failed
-    reason: str = ""
-
-    def fastest_key(self) -> float:
-        return self.p50_ms if self.p50_ms is not None else float("inf")
-
-
-@dataclass
-class BenchResult:
-    rows: list[Row]
-    images: int
-    skipped: int
-    batch: int
-    preprocess_ms: float
-    machine: dict[str, Any]
-    recommendation: str = ""
-    reference: str = ""
-    plot: Optional[Path] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["plot"] = str(self.plot) if self.plot else None
-        return d
 
 
 @dataclass
@@ -181,9 +142,11 @@ def benchmark(paths: Sequence[Path], data: Path, *, backends: Sequence[str] = ("
     _compare(result.rows, preds, reference_pred, y, budgets)
     result.recommendation = recommend(result.rows, budgets)
     if plot is not None:
+        from tledge.evaluation.bench_table import save
         from tledge.report.plots import plot_pareto
 
         result.plot = plot_pareto(result.rows, plot)
+        result.saved = list(save(result, plot))
     return result
 
 
@@ -228,14 +191,21 @@ def _backends_for(path: Path, backends: Sequence[str]) -> list[str]:
 
 
 def _torch_row(ckpt, path, images, y, batch, warmup, iters, threads) -> tuple[Row, np.ndarray]:
-    """PyTorch eager fp32 on the CPU: the reference every other row is compared with."""
+    """PyTorch eager fp32 on the CPU: the reference every other row is compared with, deciding with the run's
+    answers (calibration temperature, operating point) exactly as the exported models do."""
     import torch
 
     from tledge.train.checkpoint import model_from_checkpoint, preprocess_of
     from tledge.train.transforms import Normalize
+    from tledge_runtime.answers.decision import decide, probabilities
+    from tledge_runtime.model.answers import Answers
 
     model = model_from_checkpoint(ckpt)
     norm = Normalize(preprocess_of(ckpt))
+    answers = Answers.from_dict(ckpt["answers"]) if ckpt.get("answers") else Answers()
+
+    def decided(logits: np.ndarray) -> np.ndarray:
+        return decide(probabilities(logits, answers.temperature), ckpt["labels"], answers.operating_point)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -245,7 +215,7 @@ def _torch_row(ckpt, path, images, y, batch, warmup, iters, threads) -> tuple[Ro
     if threads:
         torch.set_num_threads(threads)
     try:  # --threads for this row only: the process (a notebook, a test run) keeps its own setting
-        pred = _predict_all(run, images, batch)
+        pred = _predict_all(run, decided, images, batch)
         row = Row(path.name, "fp32", "pytorch-eager", size_mb=path.stat().st_size / 1e6, accuracy=_acc(pred, y))
         _time(row, run, images, batch, warmup, iters)
     finally:
@@ -265,7 +235,7 @@ def _runtime_row(path, meta, backend, images, y, prep, batch, warmup, iters, thr
         with Classifier(path, backend=None if backend == "auto" else backend, threads=threads) as clf:
             row.backend = clf.backend_name
             _check_row(row, clf)
-            pred = _predict_all(clf.infer, images, batch)
+            pred = _predict_all(clf.infer, clf.decide, images, batch)
             row.accuracy = _acc(pred, y)
             _time(row, clf.infer, images, batch, warmup, iters)
         return row, pred
@@ -285,8 +255,9 @@ def _check_row(row: Row, clf: Any) -> None:
         row.status, row.reason = "check failed", "; ".join(report.failures())
 
 
-def _predict_all(run, images: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([np.asarray(run(images[i:i + batch])).argmax(1) for i in range(0, len(images), batch)])
+def _predict_all(run, decide, images: np.ndarray, batch: int) -> np.ndarray:
+    """The decided class of every image (``decide`` turns ``run``'s output into class indices)."""
+    return np.concatenate([decide(np.asarray(run(images[i:i + batch]))) for i in range(0, len(images), batch)])
 
 
 def _time(row: Row, run, images: np.ndarray, batch: int, warmup: int, iters: int) -> None:
@@ -312,49 +283,22 @@ def _time(row: Row, run, images: np.ndarray, batch: int, warmup: int, iters: int
 
 def _compare(rows: list[Row], preds: list[Optional[np.ndarray]], reference: Optional[np.ndarray], y: np.ndarray,
              budgets: dict[str, float]) -> None:
-    """Fill in delta and agreement against the reference, and mark rows over their budget."""
+    """Fill in delta (with its paired 95% interval) and agreement against the reference, and mark rows over their
+    budget by export's rule: a loss over the budget whose interval lies below zero (never one image)."""
+    from tledge_export.verify.gate import paired_interval
+
     ref_acc = _acc(reference, y) if reference is not None else None
     for row, pred in zip(rows, preds):
-        if row.status not in ("ok", "check failed") or row.accuracy is None or ref_acc is None:
+        if row.status not in ("ok", "check failed") or row.accuracy is None or ref_acc is None or pred is None:
             continue
-        if pred is not None:
-            row.agreement = 100.0 * float((pred == reference).mean())
+        right, ref_right = pred == y, reference == y
+        row.agreement = 100.0 * float((pred == reference).mean())
         row.delta_points = 100.0 * (row.accuracy - ref_acc)
+        row.interval = paired_interval(int((right & ~ref_right).sum()), int((~right & ref_right).sum()), len(y))
         budget = budgets.get(row.precision)
-        if row.status == "ok" and budget is not None and row.delta_points < -budget:
-            row.status, row.reason = "over budget", f"accuracy {row.delta_points:+.2f} points, budget -{budget:g}"
-
-
-def recommend(rows: Sequence[Row], budgets: dict[str, float]) -> str:
-    """The fastest format within its accuracy budget on this machine, in one line."""
-    ok = [r for r in rows if r.status == "ok" and r.p50_ms is not None]
-    if not ok:
-        return "no format ran within its accuracy budget"
-    best = min(ok, key=Row.fastest_key)
-    base = next((r for r in rows if r.backend == "pytorch-eager" and r.p50_ms), None)
-    speed = f", {base.p50_ms / best.p50_ms:.1f}x faster than PyTorch" if base and best is not base else ""
-    delta = f" ({best.delta_points:+.2f} points vs PyTorch)" if best.delta_points is not None else ""
-    return (f"ship {best.name} on {best.backend}: {best.p50_ms:.2f} ms p50 at batch 1{speed}; "
-            f"accuracy {100 * best.accuracy:.2f}%{delta}")
-
-
-def to_markdown(result: BenchResult) -> str:
-    """The table people read: one row per format and backend."""
-    head = ("| model | precision | backend | size MB | accuracy | Δ pts | agreement | check | p50 ms | p99 ms | "
-            f"img/s @{result.batch} | status |")
-    lines = [head, "|" + "---|" * 12]
-    for r in result.rows:
-        cells = [r.name, r.precision, r.backend, _f(r.size_mb, 1), _f(r.accuracy, 2, 100, "%"),
-                 _f(r.delta_points, 2, sign=True), _f(r.agreement, 1, suffix="%"), r.check, _f(r.p50_ms, 2),
-                 _f(r.p99_ms, 2), _f(r.throughput, 1), r.status + (f": {r.reason}" if r.reason else "")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _f(v: Optional[float], digits: int, scale: float = 1.0, suffix: str = "", sign: bool = False) -> str:
-    if v is None:
-        return "-"
-    return f"{v * scale:{'+' if sign else ''}.{digits}f}{suffix}"
+        if row.status == "ok" and budget is not None and row.delta_points < -budget and row.interval[1] < 0:
+            row.status, row.reason = "over budget", (f"accuracy {row.delta_points:+.2f} points [95%: "
+                                                     f"{row.interval[0]:+.2f}, {row.interval[1]:+.2f}], budget -{budget:g}")
 
 
 def _acc(pred: Optional[np.ndarray], y: np.ndarray) -> Optional[float]:
@@ -372,26 +316,3 @@ def _preprocess_ms(paths: Sequence[Path], prep: Preprocess) -> float:
     return 1e3 * (time.perf_counter() - t0) / len(paths)
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, instruction sets and library versions: results mean nothing without them."""
-    import importlib.metadata as md
-
-    cpu, flags = platform.processor(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = sorted(f for f in flags if f.startswith(("avx512_vnni", "avx512f", "avx2", "amx", "avx_vnni", "avx512_bf16")))
-    versions = {}
-    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino", "numpy", "tledge"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "machine": platform.machine(),
-            "python": platform.python_version(), "versions": versions, "date": time.strftime("%Y-%m-%d")}

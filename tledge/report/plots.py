@@ -122,8 +122,19 @@ def plot_pareto(rows: Sequence[Any], path: Path, title: str = "accuracy vs laten
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    absent = [r for r in rows if r.p50_ms is None or r.accuracy is None]
+    if absent:  # a format the plot cannot show is named, with why: two points must not look like the whole story
+        lines = [f"not plotted: {r.name} ({r.backend if r.backend != '-' else r.precision}): "
+                 + _shorten(f"{r.status}" + (f", {r.reason}" if r.reason else ""), 95) for r in absent]
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=7.5, color="tab:red", va="bottom", ha="left")
+        fig.tight_layout(rect=(0, 0.025 * (len(lines) + 1), 1, 1))
+    else:
+        fig.tight_layout()
     return _save(fig, path)
+
+
+def _shorten(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[: chars - 3] + "..."
 
 
 def _label_points(ax: Any, pts: Sequence[Any], accs: Sequence[float]) -> None:

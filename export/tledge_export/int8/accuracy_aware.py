@@ -72,13 +72,17 @@ class Search:
 def search(quantize: Callable[[Sequence[str]], onnx.ModelProto],
            evaluate: Callable[[onnx.ModelProto], tuple[Verification, Optional[float]]],
            rank: Callable[[onnx.ModelProto], list[tuple[str, float]]], *,
-           max_float_nodes: Optional[int] = None, progress: Optional[Callable[..., Any]] = None) -> Search:
+           max_float_nodes: Optional[int] = None, progress: Optional[Callable[..., Any]] = None,
+           stage: str = "post-training int8") -> Search:
     """Run the search. ``quantize(float_nodes)`` makes a QDQ model, ``evaluate(model)`` gives its parity
-    and latency, ``rank(model)`` orders its nodes; ``max_float_nodes`` 0 turns the search off."""
+    and latency, ``rank(model)`` orders its nodes; ``max_float_nodes`` 0 turns the search off. ``stage`` names
+    the search in its log lines (post-training int8, or the int8 of quantization-aware training)."""
     base = quantize(())
     parity, latency = evaluate(base)
     attempts = [Attempt((), parity, latency)]
     result = Search(base, parity, (), attempts)
+    log.info("%s, every node int8: %s -> %s", stage, parity.summary(),
+             "within budget" if parity.passed else "over budget: " + "; ".join(parity.failures))
     if parity.passed or max_float_nodes == 0:
         return result
     result.ranking = ranking = [(n, s) for n, s in rank(base) if s > 0]
@@ -86,10 +90,9 @@ def search(quantize: Callable[[Sequence[str]], onnx.ModelProto],
     result.limit = limit = min(len(ranking), auto if max_float_nodes is None else max_float_nodes)
     if limit == 0:
         return result
-    log.info("int8 over budget (%s); keeping up to %d of %d quantized nodes in float, most sensitive first",
-             "; ".join(parity.failures), limit, len(ranking))
+    log.info("%s: keeping up to %d of %d quantized nodes in float, most sensitive first", stage, limit, len(ranking))
     names = [n for n, _ in ranking]
-    bar = progress(total=None, desc="accuracy-aware int8", unit="try") if progress else None
+    bar = progress(total=None, desc=f"{stage}, nodes in float", unit="try") if progress else None
     tried: dict[int, Attempt] = {}
     models: dict[int, onnx.ModelProto] = {}
 
@@ -99,8 +102,8 @@ def search(quantize: Callable[[Sequence[str]], onnx.ModelProto],
         tried[k] = a = Attempt(tuple(names[:k]), p, ms)
         models[k] = model
         attempts.append(a)
-        log.info("  %d node(s) in float: accuracy Δ %+.2f pt, agreement %.1f%% -> %s", k, p.accuracy_delta_points,
-                 100 * p.agreement, "within budget" if p.passed else "over budget")
+        log.info("%s, %d node(s) in float: %s -> %s", stage, k, p.summary(),
+                 "within budget" if p.passed else "over budget")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(float_nodes=k, delta=f"{p.accuracy_delta_points:+.2f}")

@@ -44,19 +44,17 @@ def export_int8(job: ExportJob, fp32: onnx.ModelProto) -> FormatResult:
         if found.parity.passed or cfg.qat == "off":
             return write_verified(job, fmt, found.model, "int8", budget, quantization=quant,
                                   verification=found.parity, details=details)
-        log.info("post-training int8 misses its budget (%s); quantization-aware training next",
-                 "; ".join(found.parity.failures))
         return export_qat(job, q, budget, fmt, previous=found)
 
 
-def _search(job: ExportJob, q: Any, budget: Budget) -> Any:
+def _search(job: ExportJob, q: Any, budget: Budget, stage: str = "post-training int8") -> Any:
     """Accuracy-aware int8 over the quantizer ``q``: all-int8, then sensitive nodes in float until the budget holds."""
     from tledge_export.int8.accuracy_aware import search
     from tledge_export.int8.sensitivity import rank_nodes
 
     return search(q.quantize, lambda m: evaluate_int8(job, m, budget),
                   lambda m: rank_nodes(m, job.calib, float_model=q.float_model, fixed_batch=job.config.batch),
-                  max_float_nodes=job.config.max_float_nodes, progress=job.progress)
+                  max_float_nodes=job.config.max_float_nodes, progress=job.progress, stage=stage)
 
 
 def evaluate_int8(job: ExportJob, model: onnx.ModelProto, budget: Budget) -> tuple[Verification, float]:
@@ -78,8 +76,10 @@ def export_qat(job: ExportJob, quantizer: Any, budget: Budget, fmt: str, previou
     images = job.calib_images
     before = {"post_training": previous.to_dict()} if previous is not None else {}
     steps = max(1, math.ceil(cfg.qat_epochs * len(images) / QATConfig.batch_size))
-    log.info("quantization-aware training: %d steps over %d calibration images, fp32 model as teacher", steps,
-             len(images))
+    why = ("because post-training int8 missed its budget, best " + previous.parity.summary()
+           if previous is not None else "as asked (--qat on)")
+    log.info("quantization-aware training next, %s: %d steps over %d calibration images, the fp32 model as "
+             "teacher", why, steps, len(images))
     try:
         result = qat_int8(job.model, images, job.meta.preprocess, calib_images=images,
                           config=QATConfig(target=cfg.target, steps=steps, hflip=cfg.qat_hflip), batch=cfg.batch, opset=cfg.opset,
@@ -88,7 +88,7 @@ def export_qat(job: ExportJob, quantizer: Any, budget: Budget, fmt: str, previou
         if previous is None:
             raise
         # QAT unavailable here: the post-training result stands, over its budget, and says how to get QAT.
-        log.error("quantization-aware training unavailable: %s", e.message)
+        log.warning("quantization-aware training unavailable: %s", e.message)
         quant = quantizer.metadata(previous.float_nodes)
         missed = write_verified(job, fmt, previous.model, "int8", budget, quantization=quant,
                                 verification=previous.parity, details={"quantization": quant_dict(quant), **before})
@@ -98,7 +98,7 @@ def export_qat(job: ExportJob, quantizer: Any, budget: Budget, fmt: str, previou
     # most sensitive nodes in float until the budget holds.
     with Quantizer(result.float_model, job.calib, target=cfg.target, method=cfg.calib_method,
                    fixed_batch=cfg.batch) as q:
-        found = _search(job, q, budget)
+        found = _search(job, q, budget, stage="QAT int8")
         quant = replace(q.metadata(found.float_nodes), method="qat")
         return write_verified(job, fmt, found.model, "int8", budget, quantization=quant, verification=found.parity,
                               details={"quantization": quant_dict(quant), "qat": result.details,

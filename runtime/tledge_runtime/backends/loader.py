@@ -38,6 +38,7 @@ from tledge_runtime.backends.ort import (  # noqa: F401
     ort_session,
 )
 from tledge_runtime.errors import BackendError, ModelError
+from tledge_runtime.model.export_report import why_absent
 from tledge_runtime.model.meta import ModelMeta
 
 log = logging.getLogger("tledge_runtime")
@@ -55,6 +56,10 @@ def open_backend(path: str | os.PathLike, *, device: str = "auto", backend: str 
     """Load the model at ``path`` on the best (or the requested) backend and check it against its metadata."""
     path = Path(path)
     if not path.exists():
+        refused = why_absent(path)
+        if refused:
+            raise ModelError(f"{path}: no such model file; {refused}",
+                             hint=f"see {path.parent / 'report.json'} for what to try, or use a format it wrote")
         raise ModelError(f"{path}: no such model file", hint="check the path")
     if not path.is_file():
         raise ModelError(f"{path}: is not a file", hint="pass the .onnx or .engine file that `tledge export` wrote")

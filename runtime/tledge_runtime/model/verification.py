@@ -159,6 +159,20 @@ class Verification:
     def flips_borderline(self) -> Optional[int]:
         return None if self.flips_decided is None else self.flips.total - self.flips_decided
 
+    def summary(self) -> str:
+        """The numbers of an accuracy verification in one line, for people: what changed, and by how much."""
+        f, agree = self.flips, f"agreement {100 * self.agreement:.2f}%"
+        if self.decided == 0:
+            agree += " (no image decided beyond the model's noise)"
+        elif self.agreement_decided is not None:
+            agree += f" ({100 * self.agreement_decided:.2f}% of {self.decided} decided images)"
+        changed = f"{f.total} of {self.images} answers changed ({f.to_wrong} to wrong, {f.to_correct} to right"
+        changed += f", {self.flips_borderline} borderline)" if self.flips_borderline is not None else ")"
+        delta = f"accuracy {self.accuracy_delta_points:+.2f} points"
+        if self.accuracy_interval is not None:
+            delta += " [95%: {:+.2f}, {:+.2f}]".format(*self.accuracy_interval)
+        return f"{agree}, {changed}, {delta}"
+
     @property
     def accuracy_delta_points(self) -> float:
         return 100.0 * (self.accuracy - self.accuracy_reference)

@@ -13,7 +13,8 @@ from onnx import numpy_helper
 
 from tledge.cli.main import main
 from tledge.errors import ConfigError
-from tledge.evaluation.benchmark import benchmark, discover, to_markdown
+from tledge.evaluation.bench_table import to_markdown
+from tledge.evaluation.benchmark import benchmark, discover
 from tledge.exporting import export_checkpoint
 from tledge_export import ExportConfig
 
