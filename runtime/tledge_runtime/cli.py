@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_build(sub)
     _add_serve(sub)
+    _add_verify(sub)
     return parser
 
 
@@ -150,6 +151,17 @@ def _add_serve(sub: Any) -> None:
                    help="seconds requests in flight may finish after SIGTERM/SIGINT (default: 10)")
     p.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes in each answer (default: 5)")
     _add_model_options(p)
+
+
+def _add_verify(sub: Any) -> None:
+    p = sub.add_parser("verify", help="check a signed model folder (model.sig, OpenSSF model-signing) against "
+                       "trusted public keys: every file present and unchanged, nothing unsigned; exit 1 if not")
+    p.add_argument("path", type=Path, help="a signed folder (an export, a repository's version folder) or a model "
+                                           "file in one")
+    p.add_argument("--public-key", action="append", required=True, type=Path, metavar="PUB",
+                   help="PEM public key to trust (repeat for several)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=_verify)
 
 
 def _backend_names() -> tuple[str, ...]:
@@ -292,6 +304,31 @@ def _build(args: argparse.Namespace) -> int:
 
     print(printable(f"wrote {build_engine_file(args.model, args.out, max_batch=args.max_batch)}"))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import time
+
+    from tledge_runtime.errors import SignatureError
+    from tledge_runtime.repository.keys import load_trusted_keys
+    from tledge_runtime.repository.signature import verify_folder, verify_model_file
+
+    keys = load_trusted_keys(args.public_key)  # a bad key file is a usage error (2), before any verdict
+    start = time.perf_counter()
+    try:
+        verified = verify_folder(args.path, keys) if args.path.is_dir() else verify_model_file(args.path, keys)
+    except SignatureError as e:
+        if args.json:
+            print(json.dumps({"path": str(args.path), "verified": False, "error": e.message, "hint": e.hint}))
+        raise
+    ms = (time.perf_counter() - start) * 1000.0
+    if args.json:
+        print(json.dumps({"path": str(args.path), "verified": True, "key": verified.key.fingerprint,
+                          "key_file": verified.key.path, "files": list(verified.files), "ms": round(ms, 1)}))
+    else:
+        print(printable(f"verified {verified.folder}: {len(verified.files)} files, signed by key {verified.key.short} "
+                        f"({verified.key.path}), {ms:.0f} ms"))
+    return exits.OK
 
 
 # ------------------------------------------------------------------------- serve
