@@ -93,6 +93,11 @@ def verify_model_file(path: str | os.PathLike, keys: Sequence[TrustedKey]) -> Ve
     return verified
 
 
+def verify_path(path: str | os.PathLike, keys: Sequence[TrustedKey]) -> Verified:
+    """:func:`verify_folder` for a folder, :func:`verify_model_file` for a file (``tledge-runtime verify PATH``)."""
+    return verify_folder(path, keys) if Path(path).is_dir() else verify_model_file(path, keys)
+
+
 def signature_status(folder: str | os.PathLike, verified: Verified | None) -> dict[str, Any] | str:
     """What ``/info`` and the repository index say about a model's signature: the verified key, or "unverified"
     (signed, but no trusted key was given to check it), or "unsigned"."""

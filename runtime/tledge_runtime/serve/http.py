@@ -35,6 +35,7 @@ _ENDPOINTS = [
     (re.compile(r"^/health$"), "health"),
     (re.compile(r"^/info$"), "info"),
     (re.compile(r"^/metrics$"), "metrics"),
+    (re.compile(r"^/v2/repository/"), "repository"),
 ]
 
 
