@@ -17,7 +17,7 @@ from tledge_runtime.repository import ModelRepository, load_trusted_keys, verify
 from tledge_runtime.repository.signature import SIGNATURE_NAME
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))
-from fleet_testkit import make_key  # noqa: E402
+from fleet_testkit import make_key
 
 NAME = "efficientnet_lite0_fp32"
 

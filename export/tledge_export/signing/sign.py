@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from tledge_export.errors import ExportError
 from tledge_runtime.errors import TledgeError, first_line
@@ -68,14 +68,14 @@ def sign_folder(folder: Path, key: str | os.PathLike) -> str:
     return hint
 
 
-def sign_export(out: Path, key: str | os.PathLike, triton: Optional[Path] = None) -> str:
+def sign_export(out: Path, key: str | os.PathLike, triton: Path | None = None) -> str:
     """Sign every version folder of ``triton`` (if any), then ``out`` itself; returns the key's fingerprint."""
     for folder in version_folders(triton):
         sign_folder(folder, key)
     return sign_folder(out, key)
 
 
-def remove_stale_signatures(out: Path, triton: Optional[Path] = None) -> None:
+def remove_stale_signatures(out: Path, triton: Path | None = None) -> None:
     """An export without --sign-key leaves no signature of an earlier export behind (it would no longer verify
     and would say the folder is signed). Only a file that is a model-signing bundle is removed."""
     for folder in [*version_folders(triton), out]:
@@ -85,7 +85,7 @@ def remove_stale_signatures(out: Path, triton: Optional[Path] = None) -> None:
             log.warning("removed %s from an earlier signed export: this export is not signed", path)
 
 
-def version_folders(triton: Optional[Path]) -> list[Path]:
+def version_folders(triton: Path | None) -> list[Path]:
     """``<triton>/<name>/<version>/`` folders (numeric versions, as Triton reads them)."""
     if triton is None or not triton.is_dir():
         return []

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from fleet_testkit import checked_model, expected_probabilities, make_key, sign, version_folder
+from fleet_testkit import checked_model, expected_probabilities, make_key, version_folder
 from runtime_testkit import colour_image
 
 from tledge_runtime.errors import BackendError, TledgeError
@@ -66,7 +66,7 @@ def test_each_bad_version_is_refused_for_its_reason(tmp_path, keys):
     with open(tampered / "model.onnx", "r+b") as f:
         f.seek(200)
         f.write(b"\x00\x01")
-    other = version_folder(tmp_path, 4, key=keys["other"][0])
+    version_folder(tmp_path, 4, key=keys["other"][0])
     failing = version_folder(tmp_path, 5, key=private, scale=1.5)  # signed, but its numerics differ from its reference
     events = {e.version: e for e in repo.refresh()}
     assert {v: e.kind for v, e in events.items()} == {5: "check", 4: "signature", 3: "signature"}
@@ -143,9 +143,8 @@ def test_unload_and_load(tmp_path):
     repo = _repo(tmp_path)
     repo.unload()
     assert repo.current is None and _reason(repo, 1) == "unloaded"
-    with pytest.raises(BackendError, match="no version of colour serves"):
-        with repo.lease():
-            pass
+    with pytest.raises(BackendError, match="no version of colour serves"), repo.lease():
+        pass
     assert repo.load().version == 1
     repo.close()
     with pytest.raises(TledgeError, match="cannot list the model repository"):

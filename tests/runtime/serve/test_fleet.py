@@ -73,7 +73,7 @@ def test_clients_through_swaps_get_answers_of_the_version_they_name(signed_repo)
             t.start()
         for v in range(2, 6):
             version_folder(root, v, key=private)
-            _wait(lambda: srv.state.live.version == str(v))
+            _wait(lambda v=v: srv.state.live.version == str(v))
             time.sleep(0.2)
         stop.set()
         for t in threads:
@@ -138,8 +138,8 @@ def test_a_single_file_server_names_version_1_and_its_signature(models):
     from tledge_runtime import Classifier
 
     with Classifier(models["fp32"], device="cpu") as clf, running(clf) as srv:
-        status, info, _ = request(srv, "GET", "/info")
+        info = request(srv, "GET", "/info")[1]
         assert info["version"] == "1" and info["signature"] == "unsigned"
-        status, answer, _ = request(srv, "POST", "/predict", _png("green", 2))
+        answer = request(srv, "POST", "/predict", _png("green", 2))[1]
         assert answer["model_version"] == "1"
         assert request(srv, "GET", "/v2/repository/index")[0] == 404  # the extension needs --model-dir
