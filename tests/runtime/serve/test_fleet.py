@@ -143,3 +143,18 @@ def test_a_single_file_server_names_version_1_and_its_signature(models):
         answer = request(srv, "POST", "/predict", _png("green", 2))[1]
         assert answer["model_version"] == "1"
         assert request(srv, "GET", "/v2/repository/index")[0] == 404  # the extension needs --model-dir
+
+
+def test_serve_command_takes_a_file_or_a_model_dir(models, tmp_path, capsys):
+    from tledge_runtime.cli import main
+
+    assert main(["serve", "--port", "0"]) == 2
+    assert main(["serve", str(models["fp32"]), "--model-dir", str(tmp_path), "--port", "0"]) == 2
+    assert main(["serve", str(models["fp32"]), "--poll", "1", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's own refusal: not a positive interval
+        main(["serve", "--model-dir", str(tmp_path), "--poll", "0", "--port", "0"])
+    assert e.value.code == 2 and "is not a number of seconds" in capsys.readouterr().err
+    assert "a model file or --model-dir DIR" in err and "--poll and --allow-rollback need --model-dir" in err
+    assert main(["serve", "--model-dir", str(tmp_path), "--port", "0"]) == 2  # an empty repository: says so
+    assert "holds no models" in capsys.readouterr().err
