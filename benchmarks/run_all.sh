@@ -31,6 +31,7 @@ step preprocess_speed python benchmarks/preprocess_speed.py --json "$OUT/preproc
 step predictions_parity python benchmarks/predictions_parity.py "$DEMO/best.pt" "$OUT/clone/data/elpv/test"
 # The on-device check and device="auto" on the demo's export (issue 12).
 step device_check python benchmarks/device_check.py "$DEMO/export" --json "$OUT/device_check.json"
+step model_swap python benchmarks/model_swap.py --work "$OUT/model_swap"
 # Accuracy (issue 13): the default recipe over three ELPV splits, int8 (with QAT when needed) for each;
 # the default on a second dataset (digits).
 step elpv_default python benchmarks/recipe_elpv.py --seeds 0 1 2 --export --out "$OUT/elpv-default" \

@@ -100,6 +100,17 @@ def write_file(path: Path, data: bytes) -> Path:
     return atomic_write(path, data)
 
 
+def refuse_links(base: Path, path: Path) -> None:
+    """Refuse to write ``path`` when ``base`` or any component from it down to ``path`` is a link: a link planted
+    in an export folder would send tledge's writes (or its folder creation) somewhere else."""
+    current = base
+    for part in (None, *path.relative_to(base).parts):
+        current = current if part is None else current / part
+        if current.is_symlink():
+            raise ExportError(f"{current}: is a link; tledge export does not write through links",
+                              hint="remove the link, or export to another --out folder")
+
+
 def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
     """Serialize ``model`` to ``path`` atomically (nothing half-written survives a crash).
 

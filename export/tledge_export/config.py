@@ -53,6 +53,7 @@ class ExportConfig:
     fp16_io: bool = False  # fp16 model with float16 input/output (default: float32 I/O)
     engine: bool = False  # TensorRT engines (fp16 / int8-trt, else fp32)
     triton: bool = False  # Triton model repository in <out>/triton
+    sign_key: Optional[str] = None  # EC private key (PEM, mode 0600): OpenSSF model-signing signatures (model.sig)
     budget: float = INT8_BUDGET  # int8: accuracy drop allowed, points
     min_agreement: float = MIN_AGREEMENT  # fp16 and int8: top-1 agreement with PyTorch required, percent
     max_class_drop: Optional[float] = None  # fp16 and int8: accuracy drop allowed in any one class, points

@@ -58,6 +58,10 @@ def export_model(model: Any, meta: ModelMeta, *, verify_images: np.ndarray, veri
     if len(verify_images) == 0:
         raise ExportError("no held-out images to verify the export on", hint="the run's val/test images are missing")
     out = Path(config.out)
+    if config.sign_key is not None:  # a key others can read, or no signing library: refused before any work
+        from tledge_export.signing import check_signing_key
+
+        check_signing_key(config.sign_key)
     claim_folder(out)
     log.info("PyTorch reference logits on %d held-out images", len(verify_images))
     reference = Reference.from_model(model, verify_images, verify_labels, meta.preprocess, meta.labels,
@@ -70,7 +74,19 @@ def export_model(model: Any, meta: ModelMeta, *, verify_images: np.ndarray, veri
     results, triton = _run_steps(job)
     result = ExportResult(out, results, out / REPORT_NAME, _summary(job), triton)
     result.write_report()
+    _sign(result, config)
     return result
+
+
+def _sign(result: ExportResult, config: ExportConfig) -> None:
+    """Last step: sign what was written (each Triton version folder, then the whole folder), or remove the
+    signatures of an earlier signed export that no longer match."""
+    from tledge_export.signing import remove_stale_signatures, sign_export
+
+    if config.sign_key is None:
+        remove_stale_signatures(result.out, result.triton)
+    else:
+        result.signed_by = sign_export(result.out, config.sign_key, result.triton)
 
 
 EXPORT_MARKER = ".tledge-export"  # written first into every export folder: tledge writes only into folders it owns
@@ -159,4 +175,7 @@ def _summary(job: ExportJob) -> dict[str, Any]:
             "reference": ref.name,
             "images": {"verification": int(len(ref.labels)), "verification_data": cfg.verification_data,
                        "calibration": int(len(job.calib)) if job.calib is not None else 0},
-            "config": {k: v for k, v in cfg.__dict__.items() if k not in ("out", "verification_data", "source")}}
+            # the key's path stays out of the report (nothing about a private key goes into an artifact)
+            "config": {k: v for k, v in cfg.__dict__.items()
+                       if k not in ("out", "verification_data", "source", "sign_key")},
+            "signed": cfg.sign_key is not None}

@@ -49,6 +49,7 @@ class ExportResult:
     report: Path
     summary: dict[str, Any] = field(default_factory=dict)  # images, checkpoint, config: the report's header
     triton: Optional[Path] = None
+    signed_by: Optional[str] = None  # fingerprint of the key that signed the folder (--sign-key), else None
 
     @property
     def ok(self) -> bool:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tledge_export.artifact import write_file
+from tledge_export.artifact import refuse_links, write_file
 from tledge_export.errors import ExportError
 from tledge_runtime.model.meta import ModelMeta
 from tledge_runtime.serve import served_model as sm
@@ -99,17 +99,25 @@ def _tensors(kind: str, specs: Sequence[sm.TensorSpec], layout: str | None = Non
 
 
 def write_repository(root: Path, models: Sequence[TritonModel], *, max_batch: int) -> Path:
-    """Write the repository for ``models`` under ``root`` (files written atomically); returns ``root``."""
+    """Write the repository for ``models`` under ``root`` (files written atomically); returns ``root``.
+
+    Every sub-path written (``root``, each model and version folder, each file) is checked for links first:
+    a link planted in the export folder is refused, never written through."""
     for model in models:
         folder = root / model.name
         config = config_pbtxt(model, max_batch)
         labels = ("\n".join(model.meta.labels) + "\n").encode("utf-8")
-        write_file(folder / "1" / ("model.onnx" if model.kind == "onnx" else "model.plan"), model.data)
-        write_file(folder / "labels.txt", labels)
-        write_file(folder / "config.pbtxt", config.encode("utf-8"))
+        _write(root, folder / "1" / ("model.onnx" if model.kind == "onnx" else "model.plan"), model.data)
+        _write(root, folder / "labels.txt", labels)
+        _write(root, folder / "config.pbtxt", config.encode("utf-8"))
         if model.kind == "onnx":
             image = root / (model.name + sm.IMAGE_SUFFIX)
-            write_file(image / "1" / "model.py", PYTHON_MODEL.encode("utf-8"))
-            write_file(image / "labels.txt", labels)
-            write_file(image / "config.pbtxt", image_config_pbtxt(model, max_batch).encode("utf-8"))
+            _write(root, image / "1" / "model.py", PYTHON_MODEL.encode("utf-8"))
+            _write(root, image / "labels.txt", labels)
+            _write(root, image / "config.pbtxt", image_config_pbtxt(model, max_batch).encode("utf-8"))
     return root
+
+
+def _write(root: Path, path: Path, data: bytes) -> None:
+    refuse_links(root, path)
+    write_file(path, data)

@@ -23,7 +23,7 @@ import numpy as np
 from tledge_runtime.answers.decision import decide, probabilities
 from tledge_runtime.backends.batching import pad_to
 from tledge_runtime.backends.loader import Backend, open_backend
-from tledge_runtime.errors import BackendError, ImageError, ModelError, TledgeError
+from tledge_runtime.errors import BackendError, ImageError, ModelError, SignatureError, TledgeError
 from tledge_runtime.image.budgets import DEFAULT_LIMITS, ImageLimits
 from tledge_runtime.image.decode import ImageInput
 from tledge_runtime.image.preprocess import Normalizer, prepare_image
@@ -58,13 +58,18 @@ class Classifier:
     process together stay within ``TLEDGE_DECODE_MEMORY_MB``, default 256). Over a limit: ``ImageError``.
     ``check``: replay the model's embedded reference set on this backend first (decode, resize, normalize,
     numerics; see :mod:`tledge_runtime.check.replay`) and refuse the model with ``CheckFailed`` if anything differs.
+    ``trusted_keys``: public key files (PEM); the folder holding the model must carry a ``model.sig`` by one of
+    them covering every file in it, checked before the model is read (``SignatureError`` naming the file that
+    differs or the key that signed otherwise; see :mod:`tledge_runtime.repository.signature`).
+    ``signature`` is then the :class:`~tledge_runtime.repository.signature.Verified` result (else None).
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", backend: str | None = None,
                  threads: int | None = None, *, max_pixels: int | None = None, max_image_bytes: int | None = None,
-                 check: bool = False):
+                 check: bool = False, trusted_keys: Iterable[Any] | None = None):
         self.limits = ImageLimits(max_pixels=max_pixels or DEFAULT_LIMITS.max_pixels,
                                   max_bytes=max_image_bytes or DEFAULT_LIMITS.max_bytes)
+        self.signature = _verify(path, trusted_keys)  # before a byte of the model is parsed
         opened = open_backend(path, device=device, backend=backend, threads=threads)
         self.path = Path(path)
         self.meta: ModelMeta = opened.meta
@@ -79,6 +84,10 @@ class Classifier:
         b = opened.backend
         self._chunk = b.fixed_batch or min(b.max_batch or DEFAULT_CHUNK, DEFAULT_CHUNK)
         self.check_report: Any = None  # the latest self_check() (a CheckReport); serve's /info reports it
+        if self.signature is not None and not self.signature.unchanged():  # swapped between verify and load
+            self.close()
+            raise SignatureError(f"{self.path.parent}: its files changed while the model was loading",
+                                 hint="load it again once the update is complete")
         if check:
             try:
                 self.self_check().raise_for_failures()
@@ -255,6 +264,15 @@ class Classifier:
     def __repr__(self) -> str:
         state = self._backend.name if self._backend is not None else "closed"
         return f"Classifier({str(self.path)!r}, backend={state!r}, labels={len(self.labels)})"
+
+
+def _verify(path: str | os.PathLike, trusted_keys: Iterable[Any] | None) -> Any:
+    if trusted_keys is None:
+        return None
+    from tledge_runtime.repository.keys import load_trusted_keys
+    from tledge_runtime.repository.signature import verify_model_file
+
+    return verify_model_file(path, load_trusted_keys(trusted_keys))
 
 
 def _check_k(k: int) -> None:

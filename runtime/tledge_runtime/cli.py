@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_build(sub)
     _add_serve(sub)
+    _add_verify(sub)
     return parser
 
 
@@ -125,8 +126,22 @@ def _add_build(sub: Any) -> None:
 
 
 def _add_serve(sub: Any) -> None:
-    p = _command(sub, "serve", _serve, help="serve the model over HTTP: Open Inference Protocol v2 (as Triton), "
-                 "/predict, /metrics", model_help=".onnx or .engine file")
+    p = sub.add_parser("serve", help="serve the model over HTTP: Open Inference Protocol v2 (as Triton), /predict, "
+                       "/metrics; or the versions of a model repository, swapped live (--model-dir)")
+    p.add_argument("model", type=Path, nargs="?", help=".onnx or .engine file (or --model-dir)")
+    p.set_defaults(run=_serve)
+    p.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
+                   help="serve DIR/<name>/<version>/ (Triton's layout, as tledge export --triton writes it): the "
+                        "highest version that verifies, passes its reference check and warms up; new versions are "
+                        "swapped in live")
+    p.add_argument("--poll", type=_positive_float, default=None, metavar="SECONDS",
+                   help="with --model-dir: look for new versions every SECONDS (default: only on "
+                        "POST /v2/repository/models/<name>/load)")
+    p.add_argument("--allow-rollback", action="store_true",
+                   help="with --model-dir: accept versions lower than one that has served (default: refused)")
+    p.add_argument("--settle", type=_positive_float, default=2.0, metavar="SECONDS",
+                   help="with --model-dir: a version's files must be unchanged this long before it is read (a copy "
+                        "in progress is left alone; default: 2)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; any other address needs --token or --insecure)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
@@ -152,6 +167,17 @@ def _add_serve(sub: Any) -> None:
     _add_model_options(p)
 
 
+def _add_verify(sub: Any) -> None:
+    p = sub.add_parser("verify", help="check a signed model folder (model.sig, OpenSSF model-signing) against "
+                       "trusted public keys: every file present and unchanged, nothing unsigned; exit 1 if not")
+    p.add_argument("path", type=Path, help="a signed folder (an export, a repository's version folder) or a model "
+                                           "file in one")
+    p.add_argument("--public-key", action="append", required=True, type=Path, metavar="PUB",
+                   help="PEM public key to trust (repeat for several)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=_verify)
+
+
 def _backend_names() -> tuple[str, ...]:
     from tledge_runtime.backends.loader import BACKENDS
 
@@ -166,6 +192,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads per inference (default: all cores)")
     p.add_argument("--check", action="store_true",
                    help="replay the model's reference set on this backend first; refuse the model if it differs")
+    p.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PUB",
+                   help="PEM public key (repeat for several): refuse a model whose folder is not signed by one of "
+                        "them (model.sig, see `tledge-runtime verify`), before loading it")
 
 
 def _positive_int(text: str) -> int:
@@ -178,10 +207,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a number of seconds in (0, 86400]")
+    return value
+
+
 def _classifier(args: argparse.Namespace) -> Any:
     from tledge_runtime.classifier import Classifier
 
-    return Classifier(args.model, device=args.device, backend=args.backend, threads=args.threads, check=args.check)
+    return Classifier(args.model, device=args.device, backend=args.backend, threads=args.threads, check=args.check,
+                      trusted_keys=args.trusted_key)
 
 
 # ------------------------------------------------------------------------- predict
@@ -294,6 +334,29 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    import time
+
+    from tledge_runtime.errors import SignatureError
+    from tledge_runtime.repository.keys import load_trusted_keys
+    from tledge_runtime.repository.signature import verify_path
+
+    keys = load_trusted_keys(args.public_key)  # a bad key file is a usage error (2), before any verdict
+    start = time.perf_counter()
+    try:
+        v = verify_path(args.path, keys)
+    except SignatureError as e:
+        if args.json:
+            print(json.dumps({"path": str(args.path), "verified": False, "error": e.message, "hint": e.hint}))
+        raise
+    ms = (time.perf_counter() - start) * 1000.0
+    print(json.dumps({"path": str(args.path), "verified": True, "key": v.key.fingerprint, "key_file": v.key.path,
+                      "files": list(v.files), "ms": round(ms, 1)}) if args.json else
+          printable(f"verified {v.folder}: {len(v.files)} files, signed by key {v.key.short} ({v.key.path}), "
+                    f"{ms:.0f} ms"))
+    return exits.OK
+
+
 # ------------------------------------------------------------------------- serve
 
 
@@ -307,10 +370,26 @@ def _serve(args: argparse.Namespace) -> int:
                          token=args.token if args.token is not None else os.environ.get("TLEDGE_TOKEN") or None,
                          insecure=args.insecure, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                          max_bytes=args.max_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
-                         timeout_s=args.timeout, grace_s=args.grace, topk=args.topk)
+                         timeout_s=args.timeout, grace_s=args.grace, topk=args.topk, poll_s=args.poll)
     check_exposure(config)  # before the model loads: a refused bind costs nothing
-    with _classifier(args) as clf:
-        Server(clf, config).run()
+    if (args.model is None) == (args.model_dir is None):
+        raise TledgeError("serve takes a model file or --model-dir DIR, one of the two",
+                          hint="tledge-runtime serve model.onnx, or tledge-runtime serve --model-dir DIR")
+    if args.model_dir is None:
+        if args.poll is not None or args.allow_rollback:
+            raise TledgeError("--poll and --allow-rollback need --model-dir", hint="serve a model repository")
+        with _classifier(args) as clf:
+            Server(clf, config).run()
+        return 0
+    from tledge_runtime.repository.repository import ModelRepository
+
+    repo = ModelRepository(args.model_dir, args.name, trusted_keys=args.trusted_key, allow_rollback=args.allow_rollback,
+                           device=args.device, backend=args.backend, threads=args.threads,
+                           warmup_batch=args.max_batch, settle_s=args.settle)
+    try:
+        Server(repo, config).run()
+    finally:
+        repo.close()
     return 0
 
 

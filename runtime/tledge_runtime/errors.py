@@ -59,6 +59,11 @@ class CheckFailed(TledgeError):
     """
 
 
+class SignatureError(CheckFailed):
+    """A signed model folder does not verify: unsigned, a file that differs from what was signed, a file the
+    signature does not cover, or a key that is not trusted here. Its message names the file or the key."""
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message in one line for an error message: the first line, cut at ``limit`` characters.
 

@@ -62,6 +62,9 @@ option = config_option(default)
 @option("--engine", field="engine", is_flag=True,
         help="Build TensorRT engines (needs TensorRT and a GPU; verified before written).")
 @option("--triton", field="triton", is_flag=True, help="Write a Triton model repository to <out>/triton.")
+@option("--sign-key", field="sign_key", type=click.Path(exists=True, dir_okay=False),
+        help="Sign the export folder and each Triton version folder (model.sig, OpenSSF model-signing) with "
+             "this EC private key (PEM, mode 0600; an encrypted key reads TLEDGE_SIGN_KEY_PASSWORD).")
 @option("--budget", field="budget", type=click.FloatRange(0, 100),
         help="int8: accuracy drop allowed against PyTorch, in points.")
 @option("--min-agreement", field="min_agreement", type=click.FloatRange(0, 100),
@@ -105,6 +108,8 @@ def export(checkpoint: Path, out: Optional[Path], calib: Optional[Path], calib_s
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         echo(result.table())
+        if result.signed_by:
+            echo(f"signed {result.out} (model.sig) with key {result.signed_by[:16]}")
         if result.ok:
             echo(result.summary_line())
     result.raise_for_refusals()

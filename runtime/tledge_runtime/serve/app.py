@@ -29,7 +29,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tledge_runtime import __version__
-from tledge_runtime.backends.engine_file import is_engine_file
 from tledge_runtime.errors import ImageError, TledgeError
 from tledge_runtime.serve import oip
 from tledge_runtime.serve import served_model as sm
@@ -49,57 +48,58 @@ from tledge_runtime.serve.http import (
     too_large,
     unexpected,
 )
+from tledge_runtime.serve.live import Live
 from tledge_runtime.serve.metrics import Metrics
 from tledge_runtime.serve.page import site as page
+from tledge_runtime.serve.served_model import Served
 
 if TYPE_CHECKING:
     from tledge_runtime.classifier import Classifier
     from tledge_runtime.serve.config import ServeConfig
-
-
-@dataclass(frozen=True)
-class Served:
-    """One model name the server answers to and its tensors (as the Triton repository has them)."""
-
-    name: str
-    platform: str
-    inputs: tuple[sm.TensorSpec, ...]
-    outputs: tuple[sm.TensorSpec, ...]
-    image: bool  # encoded images in (decoded here), else the graph's own tensors
-
-    def metadata(self) -> dict:
-        return {"name": self.name, "versions": ["1"], "platform": self.platform,
-                "inputs": [t.metadata() for t in self.inputs], "outputs": [t.metadata() for t in self.outputs]}
+    from tledge_runtime.serve.fleet import Fleet
 
 
 @dataclass
 class State:
-    """What every handler shares: the model, the limits, the counters (touched from the event loop only)."""
+    """What every handler shares: the version serving, the limits, the counters.
 
-    classifier: Classifier
+    ``live`` is replaced whole when a new version is swapped in (:func:`tledge_runtime.serve.live.swap`);
+    a request uses the one it entered at admission until it is answered.
+    """
+
     config: ServeConfig
     name: str
-    models: dict[str, Served]
     metrics: Metrics
-    batcher: Batcher
     limiter: anyio.CapacityLimiter  # threads decoding images / parsing JSON at once: bounds their memory
+    live: Live | None = None  # None: nothing serves (no version passed yet, or unloaded)
+    fleet: Fleet | None = None  # serve --model-dir: the repository behind ``live``
     started: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     body_bytes: int = 0
 
+    @property
+    def classifier(self) -> Classifier | None:
+        return self.live.classifier if self.live is not None else None
 
-def build_app(classifier: Classifier, config: ServeConfig, name: str) -> tuple[Any, State]:
-    """The ASGI app serving ``classifier`` as ``name`` and ``name_image``; returns it and its shared state."""
-    meta = classifier.meta
-    platform = "tensorrt_plan" if is_engine_file(classifier.path) else "onnxruntime_onnx"
-    models = {name: Served(name, platform, sm.graph_inputs(meta), sm.graph_outputs(meta), image=False),
-              name + sm.IMAGE_SUFFIX: Served(name + sm.IMAGE_SUFFIX, "python", sm.image_inputs(meta),
-                                             sm.image_outputs(meta), image=True)}
-    metrics = Metrics({"name": name, "file": classifier.path.name, "backend": classifier.backend_name,
-                       "precision": meta.precision, "architecture": meta.provenance.architecture,
-                       "classes": str(meta.num_classes), "version": __version__})
-    state = State(classifier, config, name, models, metrics, Batcher(classifier, config.max_batch, metrics),
-                  anyio.CapacityLimiter(config.workers))
+    @property
+    def batcher(self) -> Batcher | None:
+        return self.live.batcher if self.live is not None else None
+
+
+def build_app(classifier: Classifier | None, config: ServeConfig, name: str, fleet: Fleet | None = None,
+              ) -> tuple[Any, State]:
+    """The ASGI app serving ``classifier`` (or the versions of ``fleet``) as ``name`` and ``name_image``; returns it
+    and its shared state."""
+    metrics = Metrics({"name": name, "version": __version__})
+    state = State(config, name, metrics, anyio.CapacityLimiter(config.workers), fleet=fleet)
+    if classifier is not None:
+        from tledge_runtime.repository.signature import signature_status
+        from tledge_runtime.serve.live import swap
+
+        signature = signature_status(classifier.path.parent, getattr(classifier, "signature", None))
+        swap(state, Live(classifier, "1", signature, name, config.max_batch, metrics))
+    if fleet is not None:
+        fleet.attach(state)
     h = _Handlers(state)
     prefixes = ["/v2/models/{model}", "/v2/models/{model}/versions/{version}"]
     routes = [Route("/v2", h.server_metadata), Route("/v2/health/live", h.live), Route("/v2/health/ready", h.ready)]
@@ -109,6 +109,8 @@ def build_app(classifier: Classifier, config: ServeConfig, name: str) -> tuple[A
     routes += [Route("/predict", h.predict, methods=["POST"]), Route("/health", h.health), Route("/info", h.info),
                Route("/metrics", h.metrics)]
     routes += page.routes()  # GET / and the page's files, open without the token (nothing secret in them)
+    if fleet is not None:  # the Open Inference Protocol's model repository extension
+        routes += fleet.routes()
     handlers = {HTTPException: http_exception, TledgeError: tledge_error, Exception: unexpected}
     app = Starlette(routes=routes, exception_handlers=handlers)
     return NoSniff(Observe(Guard(app, config.token, open_paths=page.PATHS), metrics)), state
@@ -127,17 +129,22 @@ class _Handlers:
         return JSONResponse({"live": True})
 
     async def ready(self, request: Request) -> Response:
-        ok = self.s.batcher.alive
+        live = self.s.live
+        ok = live is not None and live.batcher.alive
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def model_ready(self, request: Request) -> Response:
-        model = self._model(request, reveal=self.s.config.token is None)  # open path: names only to the trusted
-        ok = self.s.batcher.alive
+        live = self._current()
+        model = self._model(request, live, reveal=self.s.config.token is None)  # open path: names to the trusted only
+        ok = live.batcher.alive
         return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "backend": self.s.classifier.backend_name, "in_flight": self.s.in_flight,
-                             "uptime_s": round(time.monotonic() - self.s.started, 1)})
+        live = self.s.live
+        return JSONResponse({"status": "ok" if live is not None else "no model loaded",
+                             "backend": live.classifier.backend_name if live is not None else None,
+                             "model_version": live.version if live is not None else None,
+                             "in_flight": self.s.in_flight, "uptime_s": round(time.monotonic() - self.s.started, 1)})
 
     # --- metadata (token)
 
@@ -146,12 +153,14 @@ class _Handlers:
                              "extensions": ["binary_tensor_data", "classification"]})
 
     async def model_metadata(self, request: Request) -> Response:
-        return JSONResponse(self._model(request).metadata())
+        live = self._current()
+        return JSONResponse(self._model(request, live).metadata())
 
     async def info(self, request: Request) -> Response:
-        clf, cfg = self.s.classifier, self.s.config
-        return JSONResponse({"model": clf.path.name, "names": list(self.s.models), "backend": clf.backend_name,
-                             "labels": list(clf.labels),
+        live, cfg = self._current(), self.s.config
+        clf = live.classifier
+        return JSONResponse({"model": clf.path.name, "names": list(live.models), "backend": clf.backend_name,
+                             "version": live.version, "signature": live.signature, "labels": list(clf.labels),
                              "limits": {"max_bytes": cfg.max_bytes, "max_queue": cfg.max_queue,
                                         "timeout_s": cfg.timeout_s},
                              "meta": clf.meta.to_dict(),
@@ -167,25 +176,28 @@ class _Handlers:
     async def predict(self, request: Request) -> Response:
         if request.headers.get("content-type", "").startswith("multipart/"):
             raise HTTPError(415, "multipart bodies are not accepted", "POST the image file's bytes as the request body")
-        k = self._topk(request)
-        return await self._admitted(request, lambda body, deadline: self._predict(request, body, k, deadline))
+        k = self._topk(request, self._current())
+        return await self._admitted(request, lambda live, body, deadline: self._predict(request, live, body, k,
+                                                                                        deadline))
 
     async def infer(self, request: Request) -> Response:
-        model = self._model(request)
-        return await self._admitted(request, lambda body, deadline: self._infer(request, model, body, deadline))
+        self._model(request, self._current())  # an unknown name or version: refused before admission
+        return await self._admitted(request, lambda live, body, deadline: self._infer(
+            request, live, self._model(request, live), body, deadline))
 
-    async def _predict(self, request: Request, body: bytearray, k: int, deadline: float) -> Response:
+    async def _predict(self, request: Request, live: Live, body: bytearray, k: int, deadline: float) -> Response:
         if not body:
             raise HTTPError(400, "empty request body", "POST the image file's bytes")
         start = time.perf_counter()
-        clf = self.s.classifier
+        clf = live.classifier
         image = await self._in_thread(_prepare_one, clf, body)
-        probs = await self._run(request, IMAGES, image[None], deadline)
-        top = clf.rank(probs[0], k)
+        probs = await self._run(request, live, IMAGES, image[None], deadline)
+        top = clf.rank(probs[0], min(k, len(clf.labels)))
         return JSONResponse({**clf.answer(probs[0]).to_dict(), "topk": [p.to_dict() for p in top],
+                             "model_version": live.version,
                              "latency_ms": round((time.perf_counter() - start) * 1000.0, 3)})
 
-    async def _infer(self, request: Request, model: Served, body: bytearray, deadline: float) -> Response:
+    async def _infer(self, request: Request, live: Live, model: Served, body: bytearray, deadline: float) -> Response:
         req = await self._in_thread(oip.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH))
         specs = {o.name: o for o in model.outputs}
         for o in req.outputs or ():  # checked before any decoding or model time is spent
@@ -196,28 +208,29 @@ class _Handlers:
                                 f"ask for classification on {', '.join(s.name for s in model.outputs if s.labelled)}")
         x = _one_input(req, model)
         if model.image:
-            images = await self._in_thread(sm.prepare_images, self.s.classifier, x.array)
-            probs = await self._run(request, IMAGES, images, deadline)
-            clf = self.s.classifier
+            clf = live.classifier
+            images = await self._in_thread(sm.prepare_images, clf, x.array)
+            probs = await self._run(request, live, IMAGES, images, deadline)
             results = sm.image_results(probs, clf.labels, clf.decide(probs))
         else:
             spec = model.outputs[0]
-            out = await self._run(request, TENSOR, x.array, deadline)
+            out = await self._run(request, live, TENSOR, x.array, deadline)
             results = {spec.name: out.astype(oip.NUMPY_TYPES[spec.datatype])}
-        return self._oip_response(model, req, results)
+        return self._oip_response(live, model, req, results)
 
-    def _oip_response(self, model: Served, req: oip.InferRequest, results: dict[str, np.ndarray]) -> Response:
+    def _oip_response(self, live: Live, model: Served, req: oip.InferRequest,
+                      results: dict[str, np.ndarray]) -> Response:
         specs = {o.name: o for o in model.outputs}
         wanted = req.outputs if req.outputs is not None else [oip.RequestedOutput(n, None, 0) for n in results]
         tensors = []
         for o in wanted:
             spec, values = specs[o.name], results[o.name]
             if o.classification:
-                values = oip.classification(values, self.s.classifier.labels, o.classification)
+                values = oip.classification(values, live.classifier.labels, o.classification)
                 tensors.append(oip.Tensor(o.name, "BYTES", values))
             else:
                 tensors.append(oip.Tensor(o.name, spec.datatype, values))
-        body, header_length = oip.encode_infer_response(model.name, req, tensors)
+        body, header_length = oip.encode_infer_response(model.name, req, tensors, version=live.version)
         if header_length is None:
             return Response(body, media_type="application/json")
         return Response(body, media_type="application/octet-stream",
@@ -225,7 +238,8 @@ class _Handlers:
 
     # --- the shared path of every inference request
 
-    async def _admitted(self, request: Request, handle: Callable[[bytearray, float], Awaitable[Response]]) -> Response:
+    async def _admitted(self, request: Request,
+                        handle: Callable[[Live, bytearray, float], Awaitable[Response]]) -> Response:
         s, cfg = self.s, self.s.config
         deadline = time.monotonic() + cfg.timeout_s
         declared = content_length(request)
@@ -242,14 +256,16 @@ class _Handlers:
             s.metrics.refused.labels("memory").inc()
             raise HTTPError(503, f"server busy: {s.body_bytes} bytes of request bodies held, the budget is "
                                  f"{cfg.body_memory}", "retry shortly", {"Retry-After": "1"})
+        live = self._enter()  # the version this request is served by, start to end, even if another is swapped in
         s.in_flight += 1
         s.body_bytes += reserve
         s.metrics.in_flight.inc()
         s.metrics.body_bytes.set(s.body_bytes)
         try:
             body = await read_body(request, cfg.max_bytes, deadline, declared)
-            return await handle(body, deadline)
+            return await handle(live, body, deadline)
         finally:
+            live.leave()
             s.in_flight -= 1
             s.body_bytes -= reserve
             s.metrics.in_flight.dec()
@@ -258,11 +274,11 @@ class _Handlers:
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.s.limiter)
 
-    async def _run(self, request: Request, kind: str, array: np.ndarray, deadline: float) -> np.ndarray:
+    async def _run(self, request: Request, live: Live, kind: str, array: np.ndarray, deadline: float) -> np.ndarray:
         """The model's answer for ``array``, unless the deadline passes or the client leaves first."""
         if time.monotonic() >= deadline:
             raise late()
-        job = self.s.batcher.submit(kind, array, deadline)
+        job = live.batcher.submit(kind, array, deadline)
         answer = asyncio.wrap_future(job.future)
         gone = asyncio.ensure_future(disconnected(request))
         try:
@@ -280,19 +296,34 @@ class _Handlers:
 
     # --- small parsers
 
-    def _model(self, request: Request, reveal: bool = True) -> Served:
+    def _current(self) -> Live:
+        live = self.s.live
+        if live is None:
+            raise _not_loaded(self.s.name)
+        return live
+
+    def _enter(self) -> Live:
+        """Count this request in on the version serving now (the swap may replace it between the read and the
+        count: then the new one is taken)."""
+        while True:
+            live = self._current()
+            if live.enter():
+                return live
+
+    def _model(self, request: Request, live: Live, reveal: bool = True) -> Served:
         name = request.path_params["model"]
         version = request.path_params.get("version")
-        model = self.s.models.get(name)
+        model = live.models.get(name)
         if model is None:
-            names = ", ".join(sorted(self.s.models)) if reveal else "other names"
+            names = ", ".join(sorted(live.models)) if reveal else "other names"
             raise HTTPError(404, f"no model named {name!r}", f"this server has {names}")
-        if version is not None and version != "1":
-            raise HTTPError(404, f"model {name!r} has no version {version!r}", "use version 1, or none")
+        if version is not None and version != live.version:
+            raise HTTPError(404, f"model {name!r} has no version {version!r} serving",
+                            f"version {live.version} serves; use it, or no version")
         return model
 
-    def _topk(self, request: Request) -> int:
-        labels = len(self.s.classifier.labels)
+    def _topk(self, request: Request, live: Live) -> int:
+        labels = len(live.classifier.labels)
         raw = request.query_params.getlist("topk")
         if not raw:
             return min(self.s.config.topk, labels)
@@ -306,6 +337,11 @@ class _Handlers:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _not_loaded(name: str) -> HTTPError:
+    return HTTPError(503, f"no version of {name!r} is loaded", f"POST /v2/repository/models/{name}/load, or wait for a "
+                     "version to pass its checks (GET /v2/repository/index says why none has)", {"Retry-After": "1"})
 
 
 def _prepare_one(clf: Classifier, body: bytearray) -> np.ndarray:

@@ -38,6 +38,7 @@ class ServeConfig:
     backlog: int = 2048  # connections the kernel queues before accept(): bursts of hundreds connect without resets
     workers: int = min(8, os.cpu_count() or 2)  # threads decoding images / parsing JSON bodies at once
     http: str = "auto"  # HTTP/1.1 parser: httptools (C, when installed), else h11 (pure Python); or name one
+    poll_s: float | None = None  # serve --model-dir: look for new versions every poll_s seconds (None: on request)
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_queue", "body_memory", "max_batch", "topk", "backlog", "workers"):
@@ -49,6 +50,10 @@ class ServeConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise TledgeError(f"serve {name} must be a positive number of seconds, got {value!r}",
                                   hint="fix the option")
+        if self.poll_s is not None and (isinstance(self.poll_s, bool) or not isinstance(self.poll_s, (int, float))
+                                        or not 0 < self.poll_s <= 86400):
+            raise TledgeError(f"serve poll_s must be a number of seconds in (0, 86400], got {self.poll_s!r}",
+                              hint="fix --poll")
         if not 0 <= self.port <= 65535:
             raise TledgeError(f"port {self.port} is out of range", hint="use 1..65535, or 0 for any free port")
         if self.body_memory < self.max_bytes:

@@ -36,6 +36,7 @@ _ENDPOINTS = [
     (re.compile(r"^/info$"), "info"),
     (re.compile(r"^/metrics$"), "metrics"),
     (re.compile(r"^/(page/[^/]+)?$"), "page"),
+    (re.compile(r"^/v2/repository/"), "repository"),
 ]
 
 

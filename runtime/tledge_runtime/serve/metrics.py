@@ -29,7 +29,21 @@ class Metrics:
         self.dropped = Counter("tledge_dropped", "jobs dropped before the model ran them", ["reason"], registry=r)
         self.refused = Counter("tledge_refused", "requests refused before their body was read", ["reason"],
                                registry=r)
-        Info("tledge_model", "the model served", registry=r).info(model)
+        self.model = Info("tledge_model", "the model served", registry=r)
+        self.model.info(model)
+        # Fleet updates (serve --model-dir): the version serving, swaps, and each version refused by the step that
+        # refused it (signature, load, check, rollback, changed); the reasons themselves are in the log and in
+        # GET /v2/repository/index.
+        self.version = Gauge("tledge_model_version", "the model version serving (0: none)", registry=r)
+        self.swaps = Counter("tledge_model_swaps", "model versions swapped in while serving", registry=r)
+        self.versions_refused = Counter("tledge_versions_refused", "model versions refused, by the step that "
+                                        "refused them", ["reason"], registry=r)
+
+    def set_model(self, info: dict[str, str]) -> None:
+        """The model serving now (after a swap): its labels and its version number."""
+        self.model.info(info)
+        version = info.get("model_version", "")
+        self.version.set(int(version) if version.isdigit() else 0)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

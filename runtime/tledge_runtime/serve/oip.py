@@ -99,8 +99,10 @@ def parse_infer_request(body: bytes | bytearray, header_length: str | None) -> I
     return InferRequest(request_id, tuple(tensors), requested, bool(params.get("binary_data_output", False)))
 
 
-def encode_infer_response(model: str, request: InferRequest, outputs: list[Tensor]) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary tensors follow it (else None)."""
+def encode_infer_response(model: str, request: InferRequest, outputs: list[Tensor],
+                          version: str = "1") -> tuple[bytes, int | None]:
+    """The response body (``model_version``: the version that computed it), and the JSON header's length when
+    binary tensors follow it (else None)."""
     wanted = {o.name: o for o in request.outputs} if request.outputs is not None else {}
     entries, blobs = [], []
     for out in outputs:
@@ -114,7 +116,7 @@ def encode_infer_response(model: str, request: InferRequest, outputs: list[Tenso
         else:
             entry["data"] = _to_json(out)
         entries.append(entry)
-    doc: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": entries}
+    doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if request.id is not None:
         doc["id"] = request.id
     header = json.dumps(doc, separators=(",", ":")).encode("utf-8")

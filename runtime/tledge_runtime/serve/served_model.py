@@ -55,6 +55,30 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.dims]}
 
 
+@dataclass(frozen=True)
+class Served:
+    """One model name the server answers to and its tensors (as the Triton repository has them)."""
+
+    name: str
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    image: bool  # encoded images in (decoded here), else the graph's own tensors
+    version: str = "1"  # the version serving under this name
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "versions": [self.version], "platform": self.platform,
+                "inputs": [t.metadata() for t in self.inputs], "outputs": [t.metadata() for t in self.outputs]}
+
+
+def served_models(meta: ModelMeta, name: str, *, engine: bool, version: str = "1") -> dict[str, Served]:
+    """The two names a model is served under: ``name`` (the graph's tensors) and ``name_image`` (encoded images)."""
+    platform = "tensorrt_plan" if engine else "onnxruntime_onnx"
+    return {name: Served(name, platform, graph_inputs(meta), graph_outputs(meta), image=False, version=version),
+            name + IMAGE_SUFFIX: Served(name + IMAGE_SUFFIX, "python", image_inputs(meta), image_outputs(meta),
+                                        image=True, version=version)}
+
+
 def model_name(arch: str, fmt: str) -> str:
     """Triton model names: letters, digits, '_' and '-' only."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{arch}_{fmt}")

@@ -36,11 +36,12 @@ from tledge_runtime.serve.served_model import default_name
 
 if TYPE_CHECKING:
     from tledge_runtime.classifier import Classifier
+    from tledge_runtime.repository.repository import ModelRepository
 
 log = logging.getLogger("tledge_runtime")
 
 class Server:
-    """The HTTP server for one classifier.
+    """The HTTP server for one classifier, or for the versions of a model repository (``serve --model-dir``).
 
     ``run()`` serves in the calling thread until SIGINT/SIGTERM (when it is the main thread) or
     ``stop()``; ``start()`` runs it in a thread of its own and returns once it listens (tests,
@@ -48,16 +49,23 @@ class Server:
     a busy port or a refused exposure is a TledgeError before anything runs.
     """
 
-    def __init__(self, classifier: Classifier, config: ServeConfig):
+    def __init__(self, model: Classifier | ModelRepository, config: ServeConfig):
         check_exposure(config)
         uvicorn = _require_extra()
+        from tledge_runtime.repository.repository import ModelRepository
         from tledge_runtime.serve.app import build_app
+        from tledge_runtime.serve.fleet import Fleet
 
         _check_tls(config)
-        self.classifier, self.config = classifier, config
-        self.name = config.name or default_name(classifier.meta, engine=is_engine_file(classifier.path))
+        self.config = config
+        self.fleet = Fleet(model, config.poll_s) if isinstance(model, ModelRepository) else None
+        classifier = None if self.fleet is not None else model
+        if self.fleet is not None:
+            self.name = model.name
+        else:
+            self.name = config.name or default_name(classifier.meta, engine=is_engine_file(classifier.path))
         self._sock = _listen(config)
-        app, self.state = build_app(classifier, config, self.name)
+        app, self.state = build_app(classifier, config, self.name, self.fleet)
         uv_config = uvicorn.Config(app, http=_protocol(config.http, config.timeout_s), lifespan="off", log_config=None,
                                    access_log=False, server_header=False, backlog=config.backlog,
                                    timeout_keep_alive=config.keep_alive_s, timeout_graceful_shutdown=config.grace_s,
@@ -85,8 +93,15 @@ class Server:
             # that into a clean return (exit status 0) instead of the default action (death by SIGTERM).
             previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            log.info("serving %s (%s) as %s on %s", self.classifier.path.name, self.classifier.backend_name, self.name,
-                     self.url)
+            live = self.state.live
+            what = f"{live.classifier.path} (version {live.version}, {live.classifier.backend_name})" if live else \
+                "no version yet"
+            if live is None and self.fleet is not None:
+                log.warning("no version of %s can serve yet: %s", self.name, "; ".join(
+                    f"version {v.version}: {v.reason}" for v in self.fleet.repository.index()[:3]) or "none on disk")
+            log.info("serving %s as %s on %s", what, self.name, self.url)
+            if self.fleet is not None:
+                self.fleet.start()
             self._server.run(sockets=[self._sock])
         finally:
             for sig, handler in previous.items():
@@ -114,10 +129,18 @@ class Server:
         else:
             self._close()
 
+    @property
+    def classifier(self) -> Classifier | None:
+        """The classifier of the version serving now."""
+        return self.state.classifier
+
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.state.batcher.close()
+            if self.fleet is not None:
+                self.fleet.stop()
+            if self.state.live is not None:
+                self.state.live.close()
             self._sock.close()
 
     def __enter__(self) -> Server:
