@@ -14,13 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from tledge_runtime.answers.decision import decide, probabilities
+from tledge_runtime.answers.prediction import Answerer, Prediction
 from tledge_runtime.backends.batching import pad_to
 from tledge_runtime.backends.loader import Backend, open_backend
 from tledge_runtime.errors import BackendError, ImageError, ModelError, SignatureError, TledgeError
@@ -33,18 +32,6 @@ log = logging.getLogger("tledge_runtime")
 
 # Largest batch sent to a dynamic-batch graph in one run: bounds memory for long lists.
 DEFAULT_CHUNK = 32
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One class for one image: its label, its index in the model's output, its probability."""
-
-    label: str
-    index: int
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "index": self.index, "score": self.score}
 
 
 class Classifier:
@@ -81,6 +68,7 @@ class Classifier:
         self._normalizer = None if self._baked else Normalizer(
             self.meta.preprocess, dtype=np.float16 if spec == np.float16 else np.float32)
         self._nhwc = self.meta.input.layout == "NHWC"
+        self.answerer = Answerer(self.meta)
         b = opened.backend
         self._chunk = b.fixed_batch or min(b.max_batch or DEFAULT_CHUNK, DEFAULT_CHUNK)
         self.check_report: Any = None  # the latest self_check() (a CheckReport); serve's /info reports it
@@ -127,22 +115,27 @@ class Classifier:
     # ---------------------------------------------------------------- predictions
 
     def predict(self, x: ImageInput, channel_order: str = "rgb") -> Prediction:
-        """The answer for one image (path, bytes, PIL image, or HxWx3 uint8 array): the most likely class, or the
-        class the model's operating point decides."""
-        return self.answer(self.scores(x, channel_order))
+        """The answer for one image (path, bytes, PIL image, or HxWx3 uint8 array): the most likely class (or the
+        class the model's operating point decides), its calibrated probability, the prediction set and "unknown"
+        where the model carries them."""
+        return self.predict_batch([x], channel_order)[0]
 
     def predict_batch(self, xs: Iterable[ImageInput], channel_order: str = "rgb") -> list[Prediction]:
         """``predict`` for many images, run through the model in batches."""
-        return [self.answer(row) for row in self.scores_batch(xs, channel_order)]
+        prepared = [self.prepare(x, channel_order) for x in xs]
+        if not prepared:
+            return []
+        return self.answerer.predictions(*self.infer_scored(np.stack(prepared)))
 
-    def answer(self, probs: np.ndarray) -> Prediction:
-        """The answer for one row of probabilities (from :meth:`scores` or :meth:`infer`)."""
-        return self._at(probs, int(self.decide(np.asarray(probs)[None])[0]))
+    def answer(self, probs: np.ndarray, ood_score: Optional[float] = None) -> Prediction:
+        """The answer for one row of probabilities (from :meth:`scores` or :meth:`infer`) and, for a model with an
+        out-of-distribution output, its score (from :meth:`infer_scored`)."""
+        ood = None if ood_score is None else np.array([ood_score])
+        return self.answerer.predictions(np.asarray(probs)[None], ood)[0]
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """The decided class index of each row of an ``N x classes`` probability array."""
-        point = self.meta.answers.operating_point if self.meta.answers is not None else None
-        return decide(probs, self.meta.labels, point)
+        return self.answerer.decide(probs)
 
     def topk(self, x: ImageInput, k: int = 5, channel_order: str = "rgb") -> list[Prediction]:
         """The ``k`` most likely classes of one image, best first (fewer if the model has fewer classes)."""
@@ -177,14 +170,22 @@ class Classifier:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of prepared images (``N x H x W x 3`` uint8, from :meth:`prepare`)."""
+        return self.infer_scored(batch)[0]
+
+    def infer_scored(self, batch: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Probabilities and, for a model with an out-of-distribution output, its score per image (else None)."""
         p = self.meta.preprocess
         if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8 or batch.shape[1:] != (p.height, p.width, 3):
             got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
             raise ImageError(f"infer() takes an N x {p.height} x {p.width} x 3 uint8 batch, got {got}",
                              hint="build it with np.stack([clf.prepare(x) for x in images])", kind="bad_array")
         backend = self._live()
-        out = [self._run_chunk(backend, batch[i:i + self._chunk]) for i in range(0, len(batch), self._chunk)]
-        return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes))
+        chunks = [self._run_chunk(backend, batch[i:i + self._chunk]) for i in range(0, len(batch), self._chunk)]
+        if not chunks:
+            return np.zeros((0, self.meta.num_classes)), None
+        probs = np.concatenate([c[0] for c in chunks])
+        scores = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
+        return probs, scores
 
     def run_graph(self, tensor: np.ndarray) -> np.ndarray:
         """The graph's raw output for a batch already in the graph's input format (what Triton clients send).
@@ -192,6 +193,10 @@ class Classifier:
         ``tensor``: ``N x 3 x H x W`` normalized float (``N x H x W x 3`` uint8 for baked models), the
         dtype the graph takes. Returns ``N x classes`` logits (or probabilities, per ``meta.output.kind``).
         """
+        return self.run_graph_scored(tensor)[0]
+
+    def run_graph_scored(self, tensor: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """:meth:`run_graph`, and the graph's out-of-distribution score output when it has one (else None)."""
         backend = self._live()
         shape = self.graph_input_shape
         if not isinstance(tensor, np.ndarray) or tensor.ndim != 4 or tensor.shape[1:] != shape[1:]:
@@ -200,8 +205,11 @@ class Classifier:
                              f"tensor, got {got}", hint="send the preprocessed tensor the model's metadata describes",
                              kind="bad_array")
         tensor = tensor.astype(backend.input_dtype, copy=False)
-        out = [self._run_tensor(backend, tensor[i:i + self._chunk]) for i in range(0, len(tensor), self._chunk)]
-        return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes))
+        chunks = [self._run_tensor(backend, tensor[i:i + self._chunk]) for i in range(0, len(tensor), self._chunk)]
+        if not chunks:
+            return np.zeros((0, self.meta.num_classes)), None
+        scores = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
+        return np.concatenate([c[0] for c in chunks]), scores
 
     @property
     def graph_input_shape(self) -> tuple:
@@ -209,33 +217,40 @@ class Classifier:
         p = self.meta.preprocess
         return (None, p.height, p.width, 3) if self._nhwc else (None, 3, p.height, p.width)
 
-    def _run_chunk(self, backend: Backend, chunk: np.ndarray) -> np.ndarray:
+    def _run_chunk(self, backend: Backend, chunk: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
         if self._normalizer is None:
             tensor = chunk  # baked preprocessing: the graph takes uint8 NHWC as it is
         else:
             tensor = self._normalizer(chunk)
             if self._nhwc:
                 tensor = np.ascontiguousarray(tensor.transpose(0, 2, 3, 1))
-        out = self._run_tensor(backend, tensor)
-        if self.meta.output.kind != "logits":
-            return out
-        return probabilities(out, self.meta.answers.temperature if self.meta.answers is not None else 1.0)
+        out, score = self._run_tensor(backend, tensor)
+        return self.answerer.probabilities(out), score
 
-    def _run_tensor(self, backend: Backend, tensor: np.ndarray) -> np.ndarray:
-        """One chunk of graph input -> float64 graph output, padded to a fixed batch and checked."""
+    def _run_tensor(self, backend: Backend, tensor: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """One chunk of graph input -> float64 graph output (and score), padded to a fixed batch and checked."""
         n = len(tensor)
-        out = np.asarray(backend.run(pad_to(tensor, backend.fixed_batch)), dtype=np.float64)
+        raw, raw_score = backend.run_scored(pad_to(tensor, backend.fixed_batch))
+        out = np.asarray(raw, dtype=np.float64)
         # The load check saw the graph's declared shapes; a graph whose output width depends on its input
         # passes it. Check what came back, every run, before anything indexes the labels with it.
         if out.ndim != 2 or out.shape[1] != self.meta.num_classes or len(out) < n:
             raise ModelError(f"{self.path.name}: the model returned an output of shape {out.shape} for a batch of "
                              f"{n}, the metadata lists {self.meta.num_classes} labels",
                              hint="the graph does not match its metadata; re-export it with `tledge export`")
+        score = None
+        if raw_score is not None:
+            score = np.asarray(raw_score, dtype=np.float64).reshape(len(raw_score), -1)
+            if score.shape[1] != 1 or len(score) < n:
+                raise ModelError(f"{self.path.name}: the out-of-distribution output has shape {score.shape} for a "
+                                 f"batch of {n}, expected one score per image",
+                                 hint="the graph does not match its metadata; re-export it with `tledge export`")
+            score = score[:n, 0]
         out = out[:n]
-        if not np.all(np.isfinite(out)):
+        if not np.all(np.isfinite(out)) or (score is not None and not np.all(np.isfinite(score))):
             raise BackendError(f"the model produced non-finite outputs on backend {backend.name}",
                                hint="an fp16 model may overflow on this input; try the fp32 export")
-        return out
+        return out, score
 
     def _at(self, probs: np.ndarray, i: int) -> Prediction:
         return Prediction(label=self.meta.labels[i], index=i, score=float(probs[i]))

@@ -23,10 +23,16 @@ class Backend(ABC):
     input_shape: Shape = ()
     output_shape: Shape = ()
     max_batch: Optional[int] = None  # largest batch one run() accepts; None: no limit
+    score_name: Optional[str] = None  # the out-of-distribution score output, when the model carries one
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The graph's output for ``batch`` (already in the graph's layout and dtype)."""
+
+    def run_scored(self, batch: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The graph's logits and, when the model has one (:attr:`score_name`), its out-of-distribution score
+        for ``batch``, from one run of the graph."""
+        return self.run(batch), None
 
     def close(self) -> None:
         """Release the engine; the backend cannot run afterwards."""
@@ -53,3 +59,9 @@ class BackendInfo:
     name: str
     available: bool
     detail: str
+
+
+def score_output(meta: ModelMeta) -> Optional[str]:
+    """The name of the graph output holding the out-of-distribution score, or None when the model has none."""
+    ood = meta.answers.ood if meta.answers is not None else None
+    return ood.output if ood is not None else None

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from tledge_runtime.backends.base import Backend, Opened
+from tledge_runtime.backends.base import Backend, Opened, score_output
 from tledge_runtime.backends.nvidia import cuda_device_count
 from tledge_runtime.errors import BackendError, MetadataError, ModelError, first_line, import_optional
 from tledge_runtime.fileio import cache_dir
@@ -158,13 +158,27 @@ class OrtBackend(Backend):
         self.output_name = output.name
         self.output_shape = tuple(d if isinstance(d, int) and d > 0 else None for d in output.shape)
         self.max_batch = self.fixed_batch
+        self.score_name = score_output(meta)
+        if self.score_name is not None and self.score_name not in {o.name for o in outputs}:
+            raise ModelError(f"{path}: the metadata names an out-of-distribution output {self.score_name!r} the "
+                             f"graph does not have (outputs: {[o.name for o in outputs]})",
+                             hint="the metadata belongs to another model; re-export it with `tledge export`")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._run([self.output_name], batch)[0]
+
+    def run_scored(self, batch: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        if self.score_name is None:
+            return self.run(batch), None
+        logits, score = self._run([self.output_name, self.score_name], batch)
+        return logits, score
+
+    def _run(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
         session = self._session
         if session is None:
             raise BackendError("this model was closed", hint="create a new Classifier")
         try:
-            return session.run([self.output_name], {self.input_name: batch})[0]
+            return session.run(names, {self.input_name: batch})
         except Exception as e:
             raise BackendError(f"onnxruntime failed to run the model ({first_line(e)})",
                                hint="check the input batch size and the device's free memory") from None

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
-from tledge_runtime.backends.base import Backend, Shape
+from tledge_runtime.backends.base import Backend, Shape, score_output
 from tledge_runtime.errors import BackendError, ModelError, first_line, import_optional
 from tledge_runtime.fileio import cache_dir
 from tledge_runtime.model.meta import ModelMeta
@@ -62,17 +62,31 @@ class OpenVinoBackend(Backend):
         self.output_shape = _ov_shape(port_out.get_partial_shape())
         self.max_batch = self.fixed_batch
         self._port_out = port_out
+        self.score_name = score_output(meta)
+        self._port_score = None
+        if self.score_name is not None:
+            self._port_score = next((o for o in self._compiled.outputs if self.score_name in o.get_names()), None)
+            if self._port_score is None:
+                raise ModelError(f"{path}: the graph has no out-of-distribution output {self.score_name!r}",
+                                 hint="the metadata belongs to another model; re-export it with `tledge export`")
         self._idle: list[Any] = []  # infer requests not in use; grows to the number of concurrent callers
         self._lock = threading.Lock()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._infer(batch)[self._port_out]
+
+    def run_scored(self, batch: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        out = self._infer(batch)
+        return out[self._port_out], None if self._port_score is None else out[self._port_score]
+
+    def _infer(self, batch: np.ndarray) -> Any:
         with self._lock:
             if self._compiled is None:
                 raise BackendError("this model was closed", hint="create a new Classifier")
             request = self._idle.pop() if self._idle else self._compiled.create_infer_request()
         try:
             # share_outputs=False: the result must outlive the request, which the next caller reuses.
-            return request.infer({0: batch}, share_outputs=False)[self._port_out]
+            return request.infer({0: batch}, share_outputs=False)
         except Exception as e:
             raise BackendError(f"OpenVINO failed to run the model ({first_line(e)})",
                                hint="check the input batch size") from None

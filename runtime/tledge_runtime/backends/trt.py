@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
-from tledge_runtime.backends.base import Backend
+from tledge_runtime.backends.base import Backend, score_output
 from tledge_runtime.backends.nvidia import import_cudart, import_tensorrt, target_here
 from tledge_runtime.errors import BackendError, ModelError
 from tledge_runtime.model.engine_target import engine_mismatch
@@ -84,7 +84,6 @@ class TensorRTBackend(Backend):
                              hint="re-export the engine with `tledge export --engine`")
         self.input_name, self.output_name = inputs[0], meta.output.name
         self.input_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.input_name)))
-        self._output_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.output_name)))
         self.input_shape = tuple(d if d >= 0 else None for d in engine.get_tensor_shape(self.input_name))
         self.output_shape = tuple(d if d >= 0 else None for d in engine.get_tensor_shape(self.output_name))
         if self.input_shape and self.input_shape[0] is None:
@@ -98,16 +97,38 @@ class TensorRTBackend(Backend):
                              hint="build the engine with a fixed image size (`tledge export --engine` does)")
         if not self._context.set_input_shape(self.input_name, largest):
             raise BackendError(f"{path}: TensorRT rejected input shape {largest}", hint="re-export the engine")
-        out_largest = tuple(self._context.get_tensor_shape(self.output_name))
+        self.score_name = score_output(meta)
+        if self.score_name is not None and self.score_name not in names:
+            raise ModelError(f"{path}: the engine has no out-of-distribution output {self.score_name!r}",
+                             hint="re-export the engine with `tledge export --engine`")
         self._stream = _call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-        for name, shape, dtype in ((self.input_name, largest, self.input_dtype),
-                                   (self.output_name, out_largest, self._output_dtype)):
-            nbytes = int(np.prod(shape)) * dtype.itemsize
-            ptr = _call(cudart, cudart.cudaMalloc(nbytes), "cudaMalloc")
-            self._buffers.append(int(ptr))
-            self._context.set_tensor_address(name, int(ptr))
+        self._buffers.append(self._malloc(self.input_name, largest, self.input_dtype))
+        # Every output gets a buffer (TensorRT needs an address for each); the ones read back are the logits and
+        # the out-of-distribution score.
+        self._outputs: dict[str, tuple[int, np.dtype]] = {}
+        for name in (n for n in names if n != self.input_name):
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            ptr = self._malloc(name, tuple(self._context.get_tensor_shape(name)), dtype)
+            self._buffers.append(ptr)
+            self._outputs[name] = (ptr, dtype)
+
+    def _malloc(self, name: str, shape: tuple, dtype: np.dtype) -> int:
+        cudart = self._cudart
+        nbytes = max(1, int(np.prod(shape))) * dtype.itemsize
+        ptr = int(_call(cudart, cudart.cudaMalloc(nbytes), "cudaMalloc"))
+        self._context.set_tensor_address(name, ptr)
+        return ptr
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._execute(batch, (self.output_name,))[0]
+
+    def run_scored(self, batch: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        if self.score_name is None:
+            return self.run(batch), None
+        logits, score = self._execute(batch, (self.output_name, self.score_name))
+        return logits, score
+
+    def _execute(self, batch: np.ndarray, wanted: tuple[str, ...]) -> list[np.ndarray]:
         cudart = self._cudart
         host_in = np.ascontiguousarray(batch, dtype=self.input_dtype)
         if host_in.shape[0] > self.max_batch:
@@ -118,16 +139,19 @@ class TensorRTBackend(Backend):
                 raise BackendError("this model was closed", hint="create a new Classifier")
             if not self._context.set_input_shape(self.input_name, host_in.shape):
                 raise BackendError(f"TensorRT rejected input shape {host_in.shape}", hint="check the batch size")
-            out = np.empty(tuple(self._context.get_tensor_shape(self.output_name)), dtype=self._output_dtype)
-            d_in, d_out = self._buffers
             h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            _call(cudart, cudart.cudaMemcpyAsync(d_in, host_in.ctypes.data, host_in.nbytes, h2d, self._stream),
-                  "copy in")
+            _call(cudart, cudart.cudaMemcpyAsync(self._buffers[0], host_in.ctypes.data, host_in.nbytes, h2d,
+                                                 self._stream), "copy in")
             if not self._context.execute_async_v3(int(self._stream)):
                 raise BackendError("TensorRT failed to run the engine", hint="see TensorRT's log above")
-            _call(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, d2h, self._stream), "copy out")
+            outs = []
+            for name in wanted:
+                ptr, dtype = self._outputs[name]
+                out = np.empty(tuple(self._context.get_tensor_shape(name)), dtype=dtype)
+                _call(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, self._stream), "copy out")
+                outs.append(out)
             _call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        return out
+        return outs
 
     def close(self) -> None:
         with self._lock:

@@ -1,9 +1,14 @@
 """What an answer means, as the model file states it: the ``answers`` part of the metadata contract.
 
 - ``temperature``: probabilities are ``softmax(logits / temperature)`` (post-hoc calibration; 1.0: none);
-- ``operating_point``: a binary task's decision threshold (:class:`OperatingPoint`), or None for the top class.
+- ``operating_point``: a binary task's decision threshold (:class:`OperatingPoint`), or None for the top class;
+- ``conformal``: the prediction set's threshold and the coverage it was calibrated for (:class:`Conformal`);
+- ``ood``: the "unknown" rule: which graph output holds the out-of-distribution score, and the threshold
+  (:class:`OOD`);
+- ``unfitted``: each part that could not be fitted, and why (too few held-out images...): never a silent
+  default.
 
-The arithmetic that applies them is :mod:`tledge_runtime.answers.decision`.
+The arithmetic that applies them is :mod:`tledge_runtime.answers`.
 """
 
 from __future__ import annotations
@@ -52,28 +57,86 @@ def parse_target(text: str) -> Optional[tuple[str, float]]:
     return (kind, number) if kind in TARGETS and 0.0 < number < 1.0 else None
 
 
+SCORES = ("lac", "aps")  # conformal scores: 1 - p(true class); cumulative probability down to it
+OOD_METHODS = ("mahalanobis", "knn", "energy", "msp")
+MAX_NOTE_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class Conformal:
+    """Split conformal prediction: the set of an image holds every class whose ``score`` is at most
+    ``threshold``, which held ``coverage`` of the true classes on ``images`` held-out images."""
+
+    score: str
+    coverage: float
+    threshold: float
+    images: int
+    measured: str = ""
+
+    def __post_init__(self) -> None:
+        check(self.score in SCORES, f"conformal score must be one of {SCORES}")
+        check(is_number(self.coverage) and 0.0 < self.coverage < 1.0, "conformal coverage must be in (0, 1)")
+        check(is_number(self.threshold) and 0.0 <= self.threshold <= 1.0 + 1e-9, "conformal threshold must be in [0, 1]")
+        check(isinstance(self.images, int) and not isinstance(self.images, bool) and 0 < self.images <= 10**9,
+              "conformal images must be a positive integer")
+        check(is_str(self.measured, MAX_NOTE_CHARS), "conformal measured must be a short string")
+
+
+@dataclass(frozen=True)
+class OOD:
+    """Out-of-distribution: the graph output ``output`` is a score (higher: further from the training data); an
+    image scoring at least ``threshold`` is "unknown". ``keep``: the fraction of held-out in-distribution images
+    below the threshold when it was chosen."""
+
+    method: str
+    output: str
+    threshold: float
+    keep: float
+    measured: str = ""
+
+    def __post_init__(self) -> None:
+        check(self.method in OOD_METHODS, f"ood method must be one of {OOD_METHODS}")
+        check(is_str(self.output, 256) and self.output != "", "ood output must name a graph output")
+        check(is_number(self.threshold), "ood threshold must be a finite number")
+        check(is_number(self.keep) and 0.0 < self.keep < 1.0, "ood keep must be in (0, 1)")
+        check(is_str(self.measured, MAX_NOTE_CHARS), "ood measured must be a short string")
+
+
 @dataclass(frozen=True)
 class Answers:
-    """How the runtime turns the graph's logits into the answer it reports."""
+    """How the runtime turns the graph's outputs into the answer it reports."""
 
     temperature: float = 1.0
     operating_point: Optional[OperatingPoint] = None
+    conformal: Optional[Conformal] = None
+    ood: Optional[OOD] = None
+    calibration: str = ""  # how the temperature was fitted, e.g. "val split, 197 images: NLL 0.41 -> 0.33"
+    unfitted: tuple[str, ...] = ()  # "conformal: only 12 held-out images (at least 20 needed)", ...
 
     def __post_init__(self) -> None:
         check(is_number(self.temperature) and 0.01 <= self.temperature <= 100.0,
               "answers temperature must be a number in 0.01..100")
-        check(self.operating_point is None or isinstance(self.operating_point, OperatingPoint),
-              "answers operating_point must be an object or null")
+        for name, cls in (("operating_point", OperatingPoint), ("conformal", Conformal), ("ood", OOD)):
+            check(getattr(self, name) is None or isinstance(getattr(self, name), cls),
+                  f"answers {name} must be an object or null")
+        check(is_str(self.calibration, MAX_NOTE_CHARS), "answers calibration must be a short string")
+        check(isinstance(self.unfitted, (list, tuple)) and len(self.unfitted) <= 16
+              and all(is_str(n, MAX_NOTE_CHARS) for n in self.unfitted), "answers unfitted must be a short list of notes")
+        object.__setattr__(self, "unfitted", tuple(self.unfitted))
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"temperature": self.temperature}
-        if self.operating_point is not None:
-            d["operating_point"] = dict(vars(self.operating_point))
+        d: dict[str, Any] = {"temperature": self.temperature, "calibration": self.calibration,
+                             "unfitted": list(self.unfitted)}
+        for name in ("operating_point", "conformal", "ood"):
+            if getattr(self, name) is not None:
+                d[name] = dict(vars(getattr(self, name)))
         return d
 
     @classmethod
     def from_dict(cls, d: Any) -> Answers:
         body = dict(d) if isinstance(d, dict) else d
-        if isinstance(body, dict) and body.get("operating_point") is not None:
-            body["operating_point"] = build(OperatingPoint, body["operating_point"], "answers operating_point")
+        if isinstance(body, dict):
+            for name, part in (("operating_point", OperatingPoint), ("conformal", Conformal), ("ood", OOD)):
+                if body.get(name) is not None:
+                    body[name] = build(part, body[name], f"answers {name}")
         return build(cls, body, "answers")
