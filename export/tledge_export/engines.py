@@ -21,7 +21,7 @@ from tledge_export import artifact
 from tledge_export.config import ExportConfig
 from tledge_export.errors import EngineError
 from tledge_export.results import FormatResult
-from tledge_export.verify.compare import Reference
+from tledge_export.verify.run import Reference
 from tledge_runtime.backends.batching import batches
 from tledge_runtime.backends.engine_file import write_engine
 from tledge_runtime.backends.nvidia import TensorRT, cuda_device_count, find_tensorrt, target_here

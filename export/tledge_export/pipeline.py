@@ -3,7 +3,7 @@ and a Triton repository. The Python API behind `tledge export`.
 
 The chain, in order, each step public on its own:
 
-1. :func:`tledge_export.verify.compare.Reference.from_model`: PyTorch's logits on the held-out images;
+1. :func:`tledge_export.verify.run.Reference.from_model`: PyTorch's logits on the held-out images;
 2. :func:`tledge_export.steps.export_fp32`, ``export_fp16``, ``export_int8``: build, verify, write
    (:mod:`tledge_export.steps`);
 3. :func:`tledge_export.engines.build_engines`: TensorRT engines from the ONNX files just written;
@@ -30,8 +30,8 @@ from tledge_export.errors import ExportError
 from tledge_export.int8.step import export_int8
 from tledge_export.results import ExportResult, FormatResult
 from tledge_export.steps import ExportJob, export_fp16, export_fp32
-from tledge_export.verify.compare import Reference
 from tledge_export.verify.references import build_reference_set
+from tledge_export.verify.run import Reference
 from tledge_runtime.backends.engine_file import read_engine
 from tledge_runtime.image.preprocess import Normalizer
 from tledge_runtime.model.meta import ModelMeta

@@ -1,7 +1,7 @@
 """The per-format export steps: fp32, fp16, int8, each built, verified against PyTorch and written (or not).
 
 Each step takes the :class:`ExportJob` (the model, its base metadata, the config, the held-out
-:class:`~tledge_export.verify.compare.Reference` and the calibration images) and returns a
+:class:`~tledge_export.verify.run.Reference` and the calibration images) and returns a
 :class:`~tledge_export.results.FormatResult`. They all end in :func:`write_verified`: bake the
 preprocessing (if asked), ``onnx.checker``, verify with ONNX Runtime against PyTorch, and only then write
 the file, atomically, with its metadata and its :class:`~tledge_runtime.model.verification.Verification` inside.
@@ -24,8 +24,8 @@ from tledge_export.config import FILE_NAMES, METHODS, ExportConfig
 from tledge_export.convert.bake import bake_preprocess
 from tledge_export.convert.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from tledge_export.results import FormatResult
-from tledge_export.verify.compare import Reference, verify_onnx
 from tledge_export.verify.references import fit, with_tolerance
+from tledge_export.verify.run import Reference, verify_onnx
 from tledge_runtime.model.meta import InputSpec, ModelMeta, OutputSpec, Quantization
 from tledge_runtime.model.reference_set import ReferenceSet
 from tledge_runtime.model.verification import Budget, Verification

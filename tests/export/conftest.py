@@ -32,7 +32,7 @@ def held_out(tiny_run) -> HeldOut:
     from tledge.data.folders import Splits
     from tledge.data.imagecache import decode_images
     from tledge.train.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
-    from tledge_export.verify.compare import torch_logits
+    from tledge_export.verify.run import torch_logits
     from tledge_runtime.image.preprocess import Normalizer
 
     ckpt = load_checkpoint(tiny_run.best)

@@ -11,7 +11,7 @@ import jsonschema
 import onnx
 import pytest
 
-from tledge_runtime.model.answers import Answers, OperatingPoint
+from tledge_runtime.model.answers import OOD, Answers, Conformal, OperatingPoint
 from tledge_runtime.model.engine_target import EngineTarget
 from tledge_runtime.model.meta import ONNX_KEY, InputSpec, ModelMeta, OutputSpec, Preprocess, Provenance, Quantization
 from tledge_runtime.model.reference_set import Fingerprint, ReferenceItem, ReferenceSet
@@ -52,7 +52,8 @@ def test_a_document_outside_the_contract_does_not_validate(exported):
     (Quantization, SCHEMA["$defs"]["quantization"]), (Budget, SCHEMA["$defs"]["budget"]),
     (EngineTarget, SCHEMA["$defs"]["engine"]), (ReferenceSet, SCHEMA["$defs"]["reference_set"]),
     (Verification, SCHEMA["$defs"]["verification"]), (Answers, SCHEMA["$defs"]["answers"]),
-    (OperatingPoint, SCHEMA["$defs"]["operating_point"]),
+    (OperatingPoint, SCHEMA["$defs"]["operating_point"]), (Conformal, SCHEMA["$defs"]["conformal"]),
+    (OOD, SCHEMA["$defs"]["ood"]),
     (Flips, SCHEMA["$defs"]["verification"]["properties"]["flips"]),
     (ClassDelta, SCHEMA["$defs"]["verification"]["properties"]["per_class"]["items"]),
     (ReferenceItem, SCHEMA["$defs"]["reference_set"]["properties"]["items"]["items"]),

@@ -31,6 +31,7 @@ import torch
 
 from tledge_export.artifact import check, name_nodes
 from tledge_export.config import EXPORTERS
+from tledge_export.convert.ood_head import SCORE_NAME
 from tledge_export.convert.static_padding import static_same_padding
 from tledge_export.errors import ExportError
 from tledge_runtime.errors import first_line
@@ -48,7 +49,8 @@ OPSETS = {"torchscript": range(13, 21), "dynamo": range(18, 22)}
 
 def export_onnx(model: torch.nn.Module, preprocess: Preprocess, num_classes: int, *, batch: Optional[int] = None,
                 opset: int = 18, exporter: str = "torchscript") -> onnx.ModelProto:
-    """The fp32 ONNX graph of ``model``: input ``input`` (N, 3, H, W) float32, output ``logits`` (N, classes).
+    """The fp32 ONNX graph of ``model``: input ``input`` (N, 3, H, W) float32, output ``logits`` (N, classes),
+    and ``ood_score`` (N, 1) when the model returns ``(logits, score)`` (:class:`~tledge_export.convert.ood_head.WithScore`).
 
     ``batch=None`` makes the batch axis dynamic; an integer fixes it.
     """
@@ -63,8 +65,9 @@ def export_onnx(model: torch.nn.Module, preprocess: Preprocess, num_classes: int
     example = torch.zeros(batch or 2, 3, preprocess.height, preprocess.width)
     try:
         with torch.no_grad():
+            names = _output_names(model, example)
             run = _dynamo if exporter == "dynamo" else _torchscript
-            proto = run(model, example, batch, opset)
+            proto = run(model, example, batch, opset, names)
     except ExportError:
         raise
     except Exception as e:  # the exporters raise many types; all mean "this model did not export"
@@ -79,25 +82,33 @@ def export_onnx(model: torch.nn.Module, preprocess: Preprocess, num_classes: int
     return proto
 
 
-def _torchscript(model: torch.nn.Module, example: torch.Tensor, batch: Optional[int], opset: int) -> onnx.ModelProto:
+def _output_names(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
+    """``logits``, and ``ood_score`` when the model also returns an out-of-distribution score."""
+    out = model(example)
+    return [OUTPUT_NAME, SCORE_NAME] if isinstance(out, (tuple, list)) and len(out) == 2 else [OUTPUT_NAME]
+
+
+def _torchscript(model: torch.nn.Module, example: torch.Tensor, batch: Optional[int], opset: int,
+                 names: list[str]) -> onnx.ModelProto:
     buf = io.BytesIO()
-    dynamic = None if batch else {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}}
+    dynamic = None if batch else {name: {0: BATCH_DIM} for name in [INPUT_NAME, *names]}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes=dynamic, do_constant_folding=True)
+                          output_names=names, dynamic_axes=dynamic, do_constant_folding=True)
     for w in caught:  # the deprecation notice of the legacy path, among others: for the log, not the user's screen
         log.debug("torch.onnx: %s", first_line(Exception(w.message)))
     return onnx.load_from_string(buf.getvalue())
 
 
-def _dynamo(model: torch.nn.Module, example: torch.Tensor, batch: Optional[int], opset: int) -> onnx.ModelProto:
+def _dynamo(model: torch.nn.Module, example: torch.Tensor, batch: Optional[int], opset: int,
+            names: list[str]) -> onnx.ModelProto:
     shapes = None if batch else ({0: torch.export.Dim(BATCH_DIM, min=1, max=65536)},)
     # The dynamo exporter prints its progress on stdout; stdout belongs to the CLI's table / --json output.
     with contextlib.redirect_stdout(io.StringIO()) as printed, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=shapes, optimize=True, verbose=False)
+                                    output_names=names, dynamic_shapes=shapes, optimize=True, verbose=False)
     log.debug("torch.onnx (dynamo): %s", printed.getvalue().strip().replace("\n", " | "))
     proto = program.model_proto
     if not batch:
@@ -131,7 +142,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return slim
 
 
-SLIM_TOLERANCE = 1e-4  # float32 re-association moves logits by ~1e-6; a wrong fusion by 1e-2 or more
+SLIM_TOLERANCE = 1e-4  # relative to the output's scale: float32 re-association moves logits by ~1e-6; a wrong fusion by 1e-2+
 
 
 def _probe_difference(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
@@ -145,19 +156,25 @@ def _probe_difference(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
     outs = []
     for graph in (a, b):
         sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-        outs.append(sess.run(None, {sess.get_inputs()[0].name: x})[0])
-    return float(np.abs(outs[0] - outs[1]).max())
+        outs.append(sess.run(None, {sess.get_inputs()[0].name: x}))
+    # every output: a fusion that breaks the out-of-distribution score matters as much as one that breaks logits
+    return max(float(np.abs(p - q).max() / max(1.0, float(np.abs(p).max()))) for p, q in zip(*outs))
 
 
 def _check_io(model: onnx.ModelProto, p: Preprocess, num_classes: int, batch: Optional[int]) -> None:
-    """The graph must be what the metadata will say: one (N,3,H,W) input, one (N,classes) output."""
+    """The graph must be what the metadata will say: one (N,3,H,W) input, an (N,classes) output and, for a model
+    with an out-of-distribution score, an (N,1) one."""
     g = model.graph
-    if len(g.input) != 1 or len(g.output) != 1:
-        raise ExportError(f"the exported graph has {len(g.input)} inputs and {len(g.output)} outputs, expected 1 and 1",
-                          hint="tledge exports single-input, single-output classifiers")
+    if len(g.input) != 1 or len(g.output) not in (1, 2):
+        raise ExportError(f"the exported graph has {len(g.input)} inputs and {len(g.output)} outputs, expected 1 and "
+                          "1 (or 2 with an out-of-distribution score)",
+                          hint="tledge exports single-input classifiers, with one optional score output")
     dims_in = _dims(g.input[0])
     dims_out = _dims(g.output[0])
     n = batch if batch else BATCH_DIM
+    if len(g.output) == 2 and (g.output[1].name != SCORE_NAME or _dims(g.output[1]) != [n, 1]):
+        raise ExportError(f"the second output is {g.output[1].name!r} {_dims(g.output[1])}, expected {SCORE_NAME!r} "
+                          f"{[n, 1]}", hint="wrap the model with tledge_export.convert.ood_head.WithScore")
     if dims_in != [n, 3, p.height, p.width] or dims_out != [n, num_classes]:
         raise ExportError(f"the exported graph maps {dims_in} to {dims_out}, expected "
                           f"{[n, 3, p.height, p.width]} to {[n, num_classes]}",

@@ -22,7 +22,7 @@ from tledge_export.graph_run import latency_ms, session
 from tledge_export.int8.quantize import Quantizer
 from tledge_export.results import FormatResult
 from tledge_export.steps import ExportJob, accuracy_budget, quant_dict, write_verified
-from tledge_export.verify.compare import verify_session
+from tledge_export.verify.run import verify_session
 from tledge_runtime.backends.batching import pad_to
 from tledge_runtime.model.verification import Budget, Verification
 

@@ -1,10 +1,10 @@
 """Parity with PyTorch: every exported model against the PyTorch model, on the same held-out images.
 
-Two public functions, usable on any model:
-
-- :func:`compare`: logits of a model against PyTorch's -> a typed
-  :class:`~tledge_runtime.model.verification.Verification` with every failure in words (a pure function);
-- :func:`verify_onnx`: run an ONNX file (or proto) with ONNX Runtime on a :class:`Reference` and compare.
+:func:`compare`: logits of a model against PyTorch's -> a typed
+:class:`~tledge_runtime.model.verification.Verification` with every failure in words (a pure function);
+:func:`compare_scores` adds the out-of-distribution output. Running a model to get its logits is
+:mod:`tledge_export.verify.run` (``verify_onnx`` on any ONNX file); what the budgets accept is
+:mod:`tledge_export.verify.gate`.
 
 Numbers per model: max and mean |Δlogit|, top-1 agreement, accuracy of each and the accuracy
 difference in points, images that changed class in each direction, per-class accuracy deltas and
@@ -26,62 +26,16 @@ Accuracy deltas are signed, model minus PyTorch: a negative delta is a drop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional
 
 import numpy as np
 
-from tledge_export.verify.gate import judge, noise_and_decided, paired_interval
+from tledge_export.verify.gate import judge, judge_unknown, noise_and_decided, paired_interval
 from tledge_runtime.answers.decision import margin_change, margins
-from tledge_runtime.image.preprocess import Normalizer
-from tledge_runtime.model.answers import Answers
-from tledge_runtime.model.meta import Preprocess
+from tledge_runtime.model.answers import OOD, Answers
 from tledge_runtime.model.verification import Budget, ClassDelta, Flips, Verification, mcnemar_p
 
-__all__ = ["Budget", "Reference", "Verification", "compare", "row", "table", "torch_logits", "verify_onnx", "verify_session"]
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The held-out images every export is verified on, and PyTorch's answers on them.
-
-    ``images``: uint8 NHWC at the model input (what a baked model takes); ``x``: the same, normalized
-    NCHW float32 (what the other models take); ``logits``: PyTorch's fp32 logits on ``x``.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    logits: np.ndarray
-    x: np.ndarray
-    classes: tuple[str, ...]
-    name: str = "PyTorch fp32 CPU"  # what produced ``logits``
-    data: str = "held-out images"  # what the images are
-    answers: Optional[Answers] = None  # how answers are decided (operating point, temperature), as on the device
-
-    @classmethod
-    def from_model(cls, model: Any, images: np.ndarray, labels: np.ndarray, preprocess: Preprocess,
-                   classes: Sequence[str], data: str = "held-out images",
-                   answers: Optional[Answers] = None) -> Reference:
-        """PyTorch's fp32 CPU logits of ``model`` on ``images`` (uint8 NHWC at the model input)."""
-        import torch
-
-        images = np.ascontiguousarray(images)
-        x = Normalizer(preprocess)(images)
-        name = f"PyTorch {torch.__version__.split('+')[0]} fp32 CPU"
-        return cls(images, np.asarray(labels), torch_logits(model, x), x, tuple(classes), name, data, answers)
-
-    def inputs_for(self, elem_dtype: np.dtype) -> np.ndarray:
-        """The images as a graph whose input has ``elem_dtype`` takes them: uint8 NHWC, float16 or float32 NCHW."""
-        if elem_dtype == np.uint8:
-            return self.images
-        return self.x.astype(np.float16) if elem_dtype == np.float16 else self.x
-
-    def compare(self, logits: np.ndarray, budget: Budget, *, backend: str = "") -> Verification:
-        """:func:`compare` of ``logits`` on these images, labelled with this reference."""
-        v = compare(logits, self.logits, self.labels, budget, backend=backend, classes=self.classes,
-                    answers=self.answers)
-        return v.with_(reference=self.name, data=self.data)
+__all__ = ["Budget", "Verification", "compare", "compare_scores", "row", "table"]
 
 
 def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, budget: Budget, *,
@@ -122,6 +76,21 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, budge
     return v.with_(passed=not failures, failures=tuple(failures))
 
 
+def compare_scores(v: Verification, scores: np.ndarray, reference: np.ndarray, ood: Optional[OOD]) -> Verification:
+    """``v`` with the out-of-distribution output judged: its largest difference from PyTorch's scores, and (with
+    the model's threshold) on how many images both decide "unknown" alike."""
+    scores, reference = np.asarray(scores, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    finite = bool(np.isfinite(scores).all())
+    diff = float(np.abs(scores - reference).max()) if finite else None
+    agree = None
+    if ood is not None and finite:
+        agree = float(((scores >= ood.threshold) == (reference >= ood.threshold)).mean())
+    v = v.with_(ood_max_abs_diff=diff, unknown_agreement=agree, unknown_images=int(len(scores)))
+    failures = judge_unknown(v, scores, reference) if finite else [f"non-finite ood_score for "
+                                                                   f"{int((~np.isfinite(scores)).sum())} images"]
+    return v.with_(passed=v.passed and not failures, failures=v.failures + tuple(failures))
+
+
 def _failures(v: Verification, logits: np.ndarray, reference: np.ndarray, diff: np.ndarray, finite: bool) -> list[str]:
     """Each check of ``v.budget`` that does not hold, in words with its numbers."""
     budget, n, failures = v.budget, v.images, []
@@ -139,44 +108,6 @@ def _failures(v: Verification, logits: np.ndarray, reference: np.ndarray, diff: 
     if budget.kind == "accuracy":
         failures += judge(v, finite)
     return failures
-
-
-def verify_onnx(model: Union[str, Path, bytes, Any], reference: Reference, budget: Budget, *,
-                fixed_batch: Optional[int] = None, threads: Optional[int] = None) -> Verification:
-    """Run an ONNX model (a file, its bytes, or an ``onnx.ModelProto``) with ONNX Runtime on the CPU over
-    ``reference`` and compare it with PyTorch under ``budget``."""
-    from tledge_runtime.backends.loader import ort_session
-
-    data = model if isinstance(model, (str, Path, bytes)) else model.SerializeToString()
-    return verify_session(ort_session(data, threads=threads), reference, budget, fixed_batch=fixed_batch)
-
-
-def verify_session(sess: Any, reference: Reference, budget: Budget, *,
-                   fixed_batch: Optional[int] = None) -> Verification:
-    """:func:`verify_onnx` on an onnxruntime session that is already open."""
-    import onnxruntime
-
-    from tledge_export.graph_run import run
-
-    logits = run(sess, reference.inputs_for(_input_dtype(sess)), fixed_batch=fixed_batch)[0]
-    return reference.compare(logits, budget, backend=f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider")
-
-
-def _input_dtype(sess: Any) -> np.dtype:
-    kind = sess.get_inputs()[0].type
-    return np.dtype({"tensor(uint8)": np.uint8, "tensor(float16)": np.float16}.get(kind, np.float32))
-
-
-def torch_logits(model, x: np.ndarray, *, chunk: int = 32) -> np.ndarray:
-    """PyTorch's fp32 logits for normalized NCHW ``x``, on the CPU: the reference every export is held to."""
-    import torch
-
-    model = model.eval().float().cpu()
-    outs = []
-    with torch.no_grad():
-        for start in range(0, len(x), chunk):
-            outs.append(model(torch.from_numpy(np.ascontiguousarray(x[start:start + chunk], dtype=np.float32))).numpy())
-    return np.concatenate(outs).astype(np.float32)
 
 
 # "agree % (decided)": every image, then the images PyTorch decided by more than the format's noise;

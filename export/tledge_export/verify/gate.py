@@ -74,6 +74,22 @@ def judge(v: Verification, logits_finite: bool) -> list[str]:
     return failures
 
 
+def judge_unknown(v: Verification, scores: np.ndarray, reference: np.ndarray) -> list[str]:
+    """The out-of-distribution output against PyTorch's: within the logits budget for fp32, and deciding
+    "unknown" alike on at least ``min_agreement`` percent of the held-out and probe images for fp16 and int8."""
+    budget = v.budget
+    if budget.kind == "logits":
+        limit = budget.atol + budget.rtol * np.abs(reference)
+        over = np.abs(scores - reference) > limit
+        return [f"ood_score differs from PyTorch's by up to {v.ood_max_abs_diff:.3g} ({int(over.sum())} of "
+                f"{over.size} over {budget.atol:g} + {budget.rtol:g}*|score|)"] if over.any() else []
+    if v.unknown_agreement is not None and 100.0 * v.unknown_agreement < budget.min_agreement - 1e-9:
+        changed = int(round((1 - v.unknown_agreement) * v.unknown_images))
+        return [f"unknown decided unlike PyTorch on {changed} of {v.unknown_images} images (held-out and "
+                f"out-of-distribution probes): agreement {100 * v.unknown_agreement:.2f}% < {budget.min_agreement:g}%"]
+    return []
+
+
 def _class_failures(v: Verification) -> list[str]:
     limit = v.budget.max_class_drop_points
     if limit is None:

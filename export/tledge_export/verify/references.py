@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import onnx
 
-from tledge_export.verify.compare import Reference, torch_logits
+from tledge_export.verify.run import Reference, torch_logits
 from tledge_runtime.check.trace import encode_reference_image, trace
 from tledge_runtime.model.meta import Preprocess
 from tledge_runtime.model.reference_set import ReferenceItem, ReferenceSet, synthetic_image

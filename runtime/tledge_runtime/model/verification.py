@@ -147,6 +147,12 @@ class Verification:
     decided: Optional[int] = None  # images whose PyTorch margin is larger than ``noise``
     flips_decided: Optional[int] = None  # of the changed answers, those of decided images
     decision: str = ""  # how an answer was decided: "top class" or the operating point
+    # The out-of-distribution output (models that carry one): its largest |difference| from PyTorch's, and the
+    # fraction of the held-out images plus the export's out-of-distribution probes on which both say "unknown"
+    # alike (of ``unknown_images``).
+    ood_max_abs_diff: Optional[float] = None
+    unknown_agreement: Optional[float] = None
+    unknown_images: Optional[int] = None
 
     @property
     def agreement_decided(self) -> Optional[float]:
@@ -171,7 +177,9 @@ class Verification:
         delta = f"accuracy {self.accuracy_delta_points:+.2f} points"
         if self.accuracy_interval is not None:
             delta += " [95%: {:+.2f}, {:+.2f}]".format(*self.accuracy_interval)
-        return f"{agree}, {changed}, {delta}"
+        unknown = "" if self.unknown_agreement is None else \
+            f", unknown decided alike on {100 * self.unknown_agreement:.2f}% of {self.unknown_images} images"
+        return f"{agree}, {changed}, {delta}{unknown}"
 
     @property
     def accuracy_delta_points(self) -> float:
@@ -195,6 +203,8 @@ class Verification:
             d["accuracy_interval"] = [round(v, 4) for v in self.accuracy_interval]
         for key in ("agreement", "accuracy_reference", "accuracy"):
             d[key] = round(d[key], 6)
+        if self.unknown_agreement is not None:
+            d["unknown_agreement"] = round(self.unknown_agreement, 6)
         return d
 
     @classmethod
@@ -227,14 +237,16 @@ class Verification:
         _need(_count(self.images), "verification images must be a non-negative integer")
         for name in ("agreement", "accuracy_reference", "accuracy"):
             _need(_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1, f"verification {name} must be in 0..1")
-        for name in ("max_abs_diff", "mean_abs_diff", "mcnemar_p"):
+        for name in ("max_abs_diff", "mean_abs_diff", "mcnemar_p", "ood_max_abs_diff"):
             value = getattr(self, name)
             _need(value is None or (_number(value) and value >= 0), f"verification {name} must be null or >= 0")
         _need(isinstance(self.passed, bool), "verification passed must be true or false")
         for name in ("backend", "reference", "data", "measured"):
             _text(getattr(self, name), name)
         _need(all(_count(getattr(self.flips, f.name)) for f in fields(Flips)), "verification flips must be counts")
-        for name in ("decided", "flips_decided"):
+        _need(self.unknown_agreement is None or (_number(self.unknown_agreement) and 0 <= self.unknown_agreement <= 1),
+              "verification unknown_agreement must be null or in 0..1")
+        for name in ("decided", "flips_decided", "unknown_images"):
             _need(getattr(self, name) is None or _count(getattr(self, name)), f"verification {name} must be a count")
         _need(self.noise is None or (_number(self.noise) and self.noise >= 0), "verification noise must be >= 0")
         _text(self.decision, "decision")

@@ -125,7 +125,7 @@ def _as_traced(model, p):
     from tledge_export.convert.onnx_export import _torchscript
 
     with torch.no_grad():
-        return _torchscript(model, torch.zeros(2, 3, p.height, p.width), None, 18)
+        return _torchscript(model, torch.zeros(2, 3, p.height, p.width), None, 18, ["logits"])
 
 
 def test_efficientnet_lite1_exports_a_static_graph_with_the_numbers_pytorch_computes():
