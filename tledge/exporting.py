@@ -57,14 +57,65 @@ def export_checkpoint(checkpoint: str | Path, config: ExportConfig = ExportConfi
     splits = _run_splits(run, labels)
     verify = _held_out(splits, prep, run, workers)
     calib = _calibration(config, calibration, splits, prep, workers) if (config.int8 or config.fp16) else None
+    net = model_from_checkpoint(ckpt)
+    answers, detector = _answers(ckpt, net, config, splits, prep, workers)
     meta = ModelMeta(labels=labels, preprocess=prep, provenance=Provenance(
         architecture=ckpt["arch"], checkpoint_sha256=file_sha256(path), tledge_version=__version__,
         opset=config.opset, created=datetime.now(timezone.utc).replace(microsecond=0).isoformat()),
-        answers=_answers_of(ckpt))
+        answers=answers)
     log.info("exporting %s (%s, %d classes, %dx%d) to %s", path, ckpt["arch"], len(labels), prep.height, prep.width,
              config.out)
-    return export_model(model_from_checkpoint(ckpt), meta, verify_images=verify.images, verify_labels=verify.labels,
+    return export_model(_with_score(net, detector), meta, verify_images=verify.images, verify_labels=verify.labels,
                         calib_images=calib, config=config, reference_sources=verify.paths, progress=progress)
+
+
+def _answers(ckpt: dict[str, Any], net: Any, config: ExportConfig, splits: Splits, prep: Any,
+             workers: int) -> tuple[Optional[Answers], Any]:
+    """The run's answers and detector as fine-tuning fitted them; fitted now, on the run's own split, for a run
+    from before they existed or when --coverage / --ood-keep ask for other ones."""
+    from tledge.answers.ood import Detector
+
+    stored = _answers_of(ckpt)
+    if stored is not None and config.coverage is None and config.ood_keep is None:
+        return stored, Detector.from_checkpoint(ckpt["ood"]) if ckpt.get("ood") else None
+    return _fit_now(ckpt, net, config, splits, prep, workers, stored)
+
+
+def _fit_now(ckpt: dict[str, Any], net: Any, config: ExportConfig, splits: Splits, prep: Any, workers: int,
+             stored: Optional[Answers]) -> tuple[Answers, Any]:
+    import torch
+
+    from tledge.answers.features import max_ood_bytes, split_outputs
+    from tledge.answers.fit import Wanted, fit_answers
+    from tledge.train.transforms import Normalize
+
+    point = stored.operating_point.label + ":" + stored.operating_point.target if stored and stored.operating_point \
+        else (ckpt.get("config") or {}).get("operating_point")
+    wanted = Wanted(point, config.coverage or (stored.conformal.coverage if stored and stored.conformal else 0.95),
+                    config.ood_keep or (stored.ood.keep if stored and stored.ood else 0.95),
+                    max_ood_bytes=max_ood_bytes(net))
+    log.info("fitting calibration, prediction sets and 'unknown' on the run's split (coverage %g, keep %g)",
+             wanted.coverage, wanted.ood_keep)
+    normalize, device = Normalize(prep), torch.device("cpu")
+    outputs = []
+    for name, samples in (("train", splits.train), ("val", splits.val)):
+        decoded = decode_images(samples, prep, workers=workers, desc=f"decode {name}")
+        outputs.append(split_outputs(net, decoded.images, decoded.labels, normalize, batch_size=32, device=device,
+                                     desc=f"{name} features") if len(decoded) else None)
+    answers, detector, _ = fit_answers(wanted, list(ckpt["labels"]), outputs[0], outputs[1])
+    return answers, detector
+
+
+def _with_score(net: Any, detector: Any) -> Any:
+    """The model as export sees it: with the out-of-distribution score as a second output when there is a detector."""
+    if detector is None:
+        return net
+    from torch import nn
+
+    from tledge_export.convert.ood_head import OODHead, WithScore
+
+    head = OODHead(detector.method, detector.arrays, detector.temperature)
+    return WithScore(net.backbone, nn.Sequential(net.dropout, net.head), head).eval()
 
 
 def _answers_of(ckpt: dict[str, Any]) -> Optional[Answers]:

@@ -65,6 +65,10 @@ class ExportConfig:
     qat_epochs: float = 2.0  # passes over the calibration images during quantization-aware training
     qat_hflip: bool = True  # QAT also trains on mirrored images (tledge passes the fine-tuning run's own choice)
     reference_images: int = 8  # held-out images embedded in each model for `tledge-runtime check`; 0: synthetic
+    # Prediction sets' coverage and the "unknown" threshold's keep rate, refitted on the run's split at export;
+    # None: the ones fine-tuning fitted (a run from before them gets 0.95 and 0.95).
+    coverage: Optional[float] = None
+    ood_keep: Optional[float] = None
     verification_data: str = "held-out images"  # what the verification images are, recorded in the metadata
     source: str = ""  # what was exported (e.g. the checkpoint path), recorded in report.json
 
@@ -91,6 +95,10 @@ class ExportConfig:
              "accuracy budgets are drops in points and cannot be negative", "e.g. --budget 1.0"),
             (0 <= self.reference_images <= 64, f"--reference-images {self.reference_images} is not in 0..64",
              "a few images are enough: 8 by default"),
+            (self.coverage is None or 0 < self.coverage < 1, f"--coverage {self.coverage} is not in (0, 1)",
+             "e.g. --coverage 0.95"),
+            (self.ood_keep is None or 0 < self.ood_keep < 1, f"--ood-keep {self.ood_keep} is not in (0, 1)",
+             "e.g. --ood-keep 0.95"),
             (not self.int8 or has_calibration, "int8 needs calibration images, none were given",
              "pass --calib DATA, or keep the run's train split"),
             (not (self.engine and self.int8 and self.target != "tensorrt"),

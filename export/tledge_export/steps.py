@@ -23,6 +23,7 @@ from tledge_export import artifact
 from tledge_export.config import FILE_NAMES, METHODS, ExportConfig
 from tledge_export.convert.bake import bake_preprocess
 from tledge_export.convert.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from tledge_export.convert.ood_head import NODE_PREFIX
 from tledge_export.results import FormatResult
 from tledge_export.verify.references import fit, with_tolerance
 from tledge_export.verify.run import Reference, verify_onnx
@@ -70,7 +71,8 @@ def export_fp16(job: ExportJob, fp32: onnx.ModelProto) -> FormatResult:
     cfg = job.config
     images = job.calib if job.calib is not None else job.reference.x
     unsafe = fp16_unsafe_nodes(fp32, images[:FP16_RANGE_IMAGES], fixed_batch=cfg.batch)
-    fp16 = convert_fp16(fp32, keep_io_types=not cfg.fp16_io, fp32_nodes=unsafe)
+    # The out-of-distribution head stays float32: squared distances of far-away images overflow fp16.
+    fp16 = convert_fp16(fp32, keep_io_types=not cfg.fp16_io, fp32_nodes=unsafe, float_head=NODE_PREFIX)
     return write_verified(job, "fp16", fp16, "fp16", accuracy_budget(cfg, cfg.fp16_budget),
                           details={"fp32_nodes": fp32_node_names(fp32, unsafe), "fp16_io": cfg.fp16_io})
 

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from tledge_runtime.answers.capture import Capture
 from tledge_runtime.answers.prediction import Answerer, Prediction
 from tledge_runtime.backends.batching import pad_to
 from tledge_runtime.backends.loader import Backend, open_backend
@@ -49,11 +50,14 @@ class Classifier:
     them covering every file in it, checked before the model is read (``SignatureError`` naming the file that
     differs or the key that signed otherwise; see :mod:`tledge_runtime.repository.signature`).
     ``signature`` is then the :class:`~tledge_runtime.repository.signature.Verified` result (else None).
+    ``capture``: a folder where :meth:`predict` keeps the inputs it answers unknown or unsure, for a person to sort
+    into class folders and fine-tune on (:mod:`tledge_runtime.answers.capture`; an unwritable folder: TledgeError).
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", backend: str | None = None,
                  threads: int | None = None, *, max_pixels: int | None = None, max_image_bytes: int | None = None,
-                 check: bool = False, trusted_keys: Iterable[Any] | None = None):
+                 check: bool = False, trusted_keys: Iterable[Any] | None = None,
+                 capture: str | os.PathLike | None = None):
         self.limits = ImageLimits(max_pixels=max_pixels or DEFAULT_LIMITS.max_pixels,
                                   max_bytes=max_image_bytes or DEFAULT_LIMITS.max_bytes)
         self.signature = _verify(path, trusted_keys)  # before a byte of the model is parsed
@@ -69,6 +73,8 @@ class Classifier:
             self.meta.preprocess, dtype=np.float16 if spec == np.float16 else np.float32)
         self._nhwc = self.meta.input.layout == "NHWC"
         self.answerer = Answerer(self.meta)
+        # Inputs flagged unknown or unsure are kept here for a person to sort (tledge_runtime.answers.capture).
+        self.capture = Capture(capture, model_path=self.path) if capture is not None else None
         b = opened.backend
         self._chunk = b.fixed_batch or min(b.max_batch or DEFAULT_CHUNK, DEFAULT_CHUNK)
         self.check_report: Any = None  # the latest self_check() (a CheckReport); serve's /info reports it
@@ -122,10 +128,16 @@ class Classifier:
 
     def predict_batch(self, xs: Iterable[ImageInput], channel_order: str = "rgb") -> list[Prediction]:
         """``predict`` for many images, run through the model in batches."""
+        xs = list(xs)
         prepared = [self.prepare(x, channel_order) for x in xs]
         if not prepared:
             return []
-        return self.answerer.predictions(*self.infer_scored(np.stack(prepared)))
+        probs, scores = self.infer_scored(np.stack(prepared))
+        answers = self.answerer.predictions(probs, scores)
+        if self.capture is not None:
+            for x, answer, row in zip(xs, answers, probs):
+                self.capture.offer(_rgb(x, channel_order), answer, row, self.labels)
+        return answers
 
     def answer(self, probs: np.ndarray, ood_score: Optional[float] = None) -> Prediction:
         """The answer for one row of probabilities (from :meth:`scores` or :meth:`infer`) and, for a model with an
@@ -288,6 +300,13 @@ def _verify(path: str | os.PathLike, trusted_keys: Iterable[Any] | None) -> Any:
     from tledge_runtime.repository.signature import verify_model_file
 
     return verify_model_file(path, load_trusted_keys(trusted_keys))
+
+
+def _rgb(x: Any, channel_order: str) -> Any:
+    """An input as it should be kept: a BGR camera frame turned RGB (a kept PNG must look like the scene)."""
+    if isinstance(x, np.ndarray) and str(channel_order).lower() == "bgr" and x.ndim == 3 and x.shape[2] >= 3:
+        return np.ascontiguousarray(x[:, :, [2, 1, 0]])
+    return x
 
 
 def _check_k(k: int) -> None:

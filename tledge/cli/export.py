@@ -82,6 +82,10 @@ option = config_option(default)
         help="Held-out images embedded in each model for `tledge-runtime check` (0: synthetic inputs only).")
 @click.option("--no-reference-images", "reference_images", flag_value=0,
               help="Embed no image of your data, only synthetic inputs (still checks the numerics).")
+@option("--coverage", field="coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        help="Refit the prediction sets on the run's validation split for this coverage [default: the run's own].")
+@option("--ood-keep", field="ood_keep", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        help="Refit the 'unknown' threshold to keep this share of held-out images [default: the run's own].")
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True, help="Image decoding threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(checkpoint: Path, out: Optional[Path], calib: Optional[Path], calib_size: int, workers: int,

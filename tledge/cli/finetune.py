@@ -65,6 +65,10 @@ option = config_option(default)
 @option("--operating-point", field="operating_point", metavar="CLASS:recall=R|CLASS:precision=P",
         help="Binary tasks: decide CLASS from the probability threshold that reaches this recall (or precision) on "
              "the validation split; carried by every export [default: the most probable class].")
+@option("--coverage", field="coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        help="Prediction sets hold the true class this often (split conformal on the validation split).")
+@option("--ood-keep", field="ood_keep", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        help="'unknown' threshold: this share of held-out in-distribution images stays below it.")
 @option("--device", field="device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--no-amp", "amp", is_flag=True, flag_value=False, default=default("amp"),
               help="Disable mixed precision on CUDA.")

@@ -171,3 +171,25 @@ def _legend_keys(pts: Sequence[Any]) -> list[Any]:
     if any(r.status == "over budget" for r in pts):
         keys.append(key("over budget", marker="o", markerfacecolor="none", markeredgecolor="tab:red"))
     return keys
+
+
+def plot_reliability(curves: dict[str, list[tuple[float, float, int]]], path: Path, title: str = "") -> Path:
+    """Reliability diagram: accuracy against mean top probability per bin, one line per curve (before and after
+    calibration), the diagonal where they would be perfectly calibrated; marker size = images in the bin."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for (name, points), colour in zip(curves.items(), ("tab:red", "tab:blue", "tab:green")):
+        if points:
+            conf, acc, n = zip(*points)
+            ax.plot(conf, acc, marker="o", color=colour, label=name)
+            ax.scatter(conf, acc, s=[10 + 200 * k / max(n) for k in n], color=colour, alpha=0.3)
+    ax.set_xlabel("mean top probability (bin)")
+    ax.set_ylabel("accuracy (bin)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("reliability: " + title if title else "reliability")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

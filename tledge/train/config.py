@@ -55,6 +55,10 @@ class FinetuneConfig:
     # export: "CLASS:recall=0.95" (catch 95% of CLASS, as precisely as possible) or "CLASS:precision=0.9".
     # None: the most probable class.
     operating_point: Optional[str] = None
+    # Prediction sets: the share of held-out true classes they must hold (split conformal, on the val split).
+    coverage: float = 0.95
+    # "unknown": the share of held-out in-distribution images kept below the out-of-distribution threshold.
+    ood_keep: float = 0.95
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     out: Optional[str] = None  # run folder; default runs/exp, runs/exp2, ...
@@ -74,7 +78,9 @@ class FinetuneConfig:
                   (0.05 <= self.crop_scale <= 1, "--crop-scale must be in [0.05, 1]"),
                   (self.unfreeze is None or self.unfreeze >= 1, "--unfreeze must be at least 1"),
                   (self.ema is None or 0 < self.ema < 1, "--ema must be in (0, 1)"),
-                  (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")]
+                  (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+                  (0 < self.coverage < 1, "--coverage must be in (0, 1), e.g. 0.95"),
+                  (0 < self.ood_keep < 1, "--ood-keep must be in (0, 1), e.g. 0.95")]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message, hint="see `tledge finetune --help`")

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tledge import __version__
@@ -30,7 +29,6 @@ from tledge.train import distributed as dist_utils
 from tledge.train import runfolder
 from tledge.train.checkpoint import load_checkpoint, save_checkpoint
 from tledge.train.config import FinetuneConfig
-from tledge.train.loops import infer
 from tledge.train.phases import adapt_bn, finetune_phase, head_phase
 from tledge.train.run import Run, open_run
 from tledge.train.runfolder import next_free_run_dir  # noqa: F401 - part of the API (demo, scripts)
@@ -99,8 +97,8 @@ def _finish(run: Run) -> RunResult:
         runfolder.remove_cache(out / "cache")
     best_path = out / "best.pt"
     best = load_checkpoint(best_path)
-    results, logits = _evaluate_best(run, best)
-    answers, fitted = _fit_answers(run, logits)
+    results, splits, net = _evaluate_best(run, best)
+    answers, detector, fitted = _fit_answers(run, splits, net)
     metrics = {
         "tledge_version": __version__, "arch": cfg.arch, "weights": cfg.weights, "best_epoch": run.state.best_epoch,
         "epochs_run": run.state.epoch, "classes": run.splits.classes, "images": run.splits.counts(),
@@ -114,32 +112,57 @@ def _finish(run: Run) -> RunResult:
         # Fold the final numbers into best.pt so `export` and `evaluate` see them without metrics.json.
         best["metrics"] = {**best.get("metrics", {}), **{f"{k}_accuracy": v["accuracy"] for k, v in results.items()}}
         best["answers"] = answers.to_dict()  # exported into every model: what its answers mean
+        if detector is not None:
+            best["ood"] = detector.to_checkpoint()  # the detector's arrays: the export puts them in the graph
         save_checkpoint(best_path, {k: v for k, v in best.items() if k not in ("format", "format_version")})
+        _plot_calibration(run, splits.get("test"), answers.temperature)
     return RunResult(out=out, best=best_path, metrics=metrics, history=run.state.history)
 
 
-def _fit_answers(run: Run, logits: dict[str, tuple[Any, Any]]) -> tuple[Any, dict[str, Any]]:
-    from tledge.answers.fit import fit_answers
+def _fit_answers(run: Run, splits: dict[str, Any], net: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Calibration, operating point, conformal sets and the out-of-distribution detector (tledge.answers.fit):
+    the detector on the training images as the device sees them, the thresholds on the validation split."""
+    from tledge.answers.features import max_ood_bytes, split_outputs
+    from tledge.answers.fit import Wanted, fit_answers
 
-    return fit_answers(run.cfg.operating_point, run.splits.classes, logits.get("val"), logits.get("test"))
+    cfg = run.cfg
+    train = split_outputs(net, run.train.views[1], run.train.labels, run.normalize, batch_size=cfg.batch_size,
+                          device=run.dist.device, desc="train features")
+    wanted = Wanted(cfg.operating_point, cfg.coverage, cfg.ood_keep, max_ood_bytes=max_ood_bytes(net))
+    return fit_answers(wanted, run.splits.classes, train, splits.get("val"), splits.get("test"))
 
 
-def _evaluate_best(run: Run, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
-    """Classification reports of the best checkpoint on the val and test splits, and (logits, labels) of each."""
+def _evaluate_best(run: Run, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Classification reports of the best checkpoint on the val and test splits, each split's features and logits
+    (:class:`tledge.answers.fit.Split`), and the model."""
+    from tledge.answers.features import split_outputs
+
     cfg, dist, classes = run.cfg, run.dist, run.splits.classes
     model = create_model(cfg.arch, len(classes), "none", dropout=cfg.dropout)
     model.load_state_dict(best["state_dict"])
     model = model.to(dist.device, memory_format=torch.channels_last).eval()
     results: dict[str, Any] = {}
-    outputs: dict[str, tuple[Any, Any]] = {}
+    splits: dict[str, Any] = {}
     for name, data in (("val", run.val), ("test", run.test)):
         if len(data) == 0:
             continue
-        logits = infer(model, data.images, run.normalize, batch_size=cfg.batch_size, device=dist.device, amp=cfg.amp,
-                       desc=f"evaluate {name}").float().numpy()
-        results[name] = report(confusion_matrix(data.labels, logits.argmax(1), len(classes)), classes)
-        outputs[name] = (logits, np.asarray(data.labels))
-    return results, outputs
+        splits[name] = split_outputs(model, data.images, data.labels, run.normalize, batch_size=cfg.batch_size,
+                                     device=dist.device, desc=f"evaluate {name}")
+        results[name] = report(confusion_matrix(data.labels, splits[name].logits.argmax(1), len(classes)), classes)
+    return results, splits, model
+
+
+def _plot_calibration(run: Run, test: Any, temperature: float) -> None:
+    """calibration.png: the test split's reliability before and after the temperature."""
+    if test is None or not len(test):
+        return
+    from tledge.answers.calibrate import reliability
+    from tledge.report.plots import plot_reliability
+    from tledge_runtime.answers.decision import probabilities
+
+    curves = {"before (T = 1)": reliability(probabilities(test.logits, 1.0), test.labels),
+              f"after (T = {temperature:.3g})": reliability(probabilities(test.logits, temperature), test.labels)}
+    plot_reliability(curves, run.out / "calibration.png", title=f"test split, {len(test)} images")
 
 
 def _write_results(run: Run, metrics: dict[str, Any], results: dict[str, Any]) -> None:

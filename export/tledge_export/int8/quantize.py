@@ -33,6 +33,7 @@ import onnx
 
 from tledge_export.artifact import name_nodes, prune_opsets
 from tledge_export.config import METHODS, TARGETS, WEIGHT_BITS
+from tledge_export.convert.ood_head import ood_nodes
 from tledge_export.errors import ExportError
 from tledge_runtime.backends.batching import batches
 from tledge_runtime.model.meta import Quantization
@@ -101,6 +102,9 @@ class Quantizer:
         self._output = work / "quantized.onnx"
         self.float_model = self._prepare(model)
         self.input_name = self.float_model.graph.input[0].name
+        # The out-of-distribution head is never quantized: a few small matrix products whose squared distances
+        # int8 would coarsen for no speed (it is float in every format, like the classifier head's output).
+        self.ood_nodes = ood_nodes(self.float_model)
 
     def __enter__(self) -> Quantizer:
         return self
@@ -143,7 +147,7 @@ class Quantizer:
                             _Reader(self.input_name, self.calib, self.fixed_batch, chunk),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=WEIGHT_BITS == 7,
                             activation_type=QuantType.QUInt8 if f.activation_type == "uint8" else QuantType.QInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes),
+                            weight_type=QuantType.QInt8, nodes_to_exclude=[*float_nodes, *self.ood_nodes],
                             calibrate_method=methods[self.method], extra_options=extra,
                             calibration_cache_path=str(self._cache))
         return prune_opsets(onnx.load(str(self._output)))

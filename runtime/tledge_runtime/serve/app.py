@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import anyio
 import numpy as np
@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tledge_runtime import __version__
+from tledge_runtime.answers.capture import Capture
 from tledge_runtime.errors import ImageError, TledgeError
 from tledge_runtime.serve import oip
 from tledge_runtime.serve import served_model as sm
@@ -72,6 +73,7 @@ class State:
     metrics: Metrics
     limiter: anyio.CapacityLimiter  # threads decoding images / parsing JSON at once: bounds their memory
     live: Live | None = None  # None: nothing serves (no version passed yet, or unloaded)
+    capture: Capture | None = None  # --capture: inputs answered unknown or unsure are kept here
     fleet: Fleet | None = None  # serve --model-dir: the repository behind ``live``
     started: float = field(default_factory=time.monotonic)
     in_flight: int = 0
@@ -91,7 +93,8 @@ def build_app(classifier: Classifier | None, config: ServeConfig, name: str, fle
     """The ASGI app serving ``classifier`` (or the versions of ``fleet``) as ``name`` and ``name_image``; returns it
     and its shared state."""
     metrics = Metrics({"name": name, "version": __version__})
-    state = State(config, name, metrics, anyio.CapacityLimiter(config.workers), fleet=fleet)
+    state = State(config, name, metrics, anyio.CapacityLimiter(config.workers), fleet=fleet,
+                  capture=Capture(config.capture) if config.capture is not None else None)
     if classifier is not None:
         from tledge_runtime.repository.signature import signature_status
         from tledge_runtime.serve.live import swap
@@ -191,9 +194,11 @@ class _Handlers:
         start = time.perf_counter()
         clf = live.classifier
         image = await self._in_thread(_prepare_one, clf, body)
-        probs = await self._run(request, live, IMAGES, image[None], deadline)
+        probs, scores = await self._run(request, live, IMAGES, image[None], deadline)
         top = clf.rank(probs[0], min(k, len(clf.labels)))
-        return JSONResponse({**clf.answer(probs[0]).to_dict(), "topk": [p.to_dict() for p in top],
+        answer = clf.answerer.predictions(probs, scores)[0]
+        await self._answered(live, [body], [answer], probs)
+        return JSONResponse({**answer.to_dict(), "topk": [p.to_dict() for p in top],
                              "model_version": live.version,
                              "latency_ms": round((time.perf_counter() - start) * 1000.0, 3)})
 
@@ -210,12 +215,16 @@ class _Handlers:
         if model.image:
             clf = live.classifier
             images = await self._in_thread(sm.prepare_images, clf, x.array)
-            probs = await self._run(request, live, IMAGES, images, deadline)
-            results = sm.image_results(probs, clf.labels, clf.decide(probs))
+            probs, scores = await self._run(request, live, IMAGES, images, deadline)
+            answers = clf.answerer.predictions(probs, scores)
+            await self._answered(live, [bytes(row[0]) for row in x.array.reshape(len(x.array), -1)], answers, probs)
+            results = sm.image_results(probs, answers)
         else:
             spec = model.outputs[0]
-            out = await self._run(request, live, TENSOR, x.array, deadline)
+            out, scores = await self._run(request, live, TENSOR, x.array, deadline)
             results = {spec.name: out.astype(oip.NUMPY_TYPES[spec.datatype])}
+            if scores is not None and len(model.outputs) > 1:
+                results[model.outputs[1].name] = scores.astype(np.float32)[:, None]
         return self._oip_response(live, model, req, results)
 
     def _oip_response(self, live: Live, model: Served, req: oip.InferRequest,
@@ -274,8 +283,20 @@ class _Handlers:
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.s.limiter)
 
-    async def _run(self, request: Request, live: Live, kind: str, array: np.ndarray, deadline: float) -> np.ndarray:
-        """The model's answer for ``array``, unless the deadline passes or the client leaves first."""
+    async def _answered(self, live: Live, inputs: list, answers: list, probs: np.ndarray) -> None:
+        """Count what the model answered (unknown, unsure, top score, ood_score) and keep the flagged inputs when
+        serve was started with --capture."""
+        self.s.metrics.answered(answers)
+        capture = self.s.capture
+        if capture is not None and any(a.unknown or a.unsure for a in answers):
+            clf = live.classifier
+            await self._in_thread(lambda: [capture.offer(x, a, p, clf.labels, clf.path)
+                                           for x, a, p in zip(inputs, answers, probs)])
+
+    async def _run(self, request: Request, live: Live, kind: str, array: np.ndarray,
+                   deadline: float) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The model's answer for ``array`` (its main output, and its out-of-distribution score or None), unless
+        the deadline passes or the client leaves first."""
         if time.monotonic() >= deadline:
             raise late()
         job = live.batcher.submit(kind, array, deadline)

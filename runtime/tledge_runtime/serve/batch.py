@@ -25,8 +25,8 @@ from tledge_runtime.serve.metrics import Metrics
 
 log = logging.getLogger("tledge_runtime")
 
-IMAGES = "images"  # N x H x W x 3 uint8 from Classifier.prepare -> probabilities
-TENSOR = "tensor"  # the graph's own input -> the graph's raw output
+IMAGES = "images"  # N x H x W x 3 uint8 from Classifier.prepare -> (probabilities, ood scores or None)
+TENSOR = "tensor"  # the graph's own input -> (the graph's raw output, its ood_score output or None)
 
 
 class Dropped(TledgeError):
@@ -124,7 +124,8 @@ class Batcher:
         batch = np.concatenate([job.array for job in jobs]) if len(jobs) > 1 else jobs[0].array
         self._metrics.batch.observe(len(batch))
         try:
-            out = self._classifier.infer(batch) if kind == IMAGES else self._classifier.run_graph(batch)
+            clf = self._classifier
+            out, scores = clf.infer_scored(batch) if kind == IMAGES else clf.run_graph_scored(batch)
         except BaseException as e:
             if not isinstance(e, TledgeError):
                 log.exception("the model failed on a batch of %d", len(batch))
@@ -133,5 +134,6 @@ class Batcher:
             return
         start = 0
         for job in jobs:
-            job.future.set_result(out[start:start + len(job.array)])
-            start += len(job.array)
+            end = start + len(job.array)
+            job.future.set_result((out[start:end], None if scores is None else scores[start:end]))
+            start = end

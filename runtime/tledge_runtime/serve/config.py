@@ -38,6 +38,7 @@ class ServeConfig:
     backlog: int = 2048  # connections the kernel queues before accept(): bursts of hundreds connect without resets
     workers: int = min(8, os.cpu_count() or 2)  # threads decoding images / parsing JSON bodies at once
     http: str = "auto"  # HTTP/1.1 parser: httptools (C, when installed), else h11 (pure Python); or name one
+    capture: str | None = None  # a folder: inputs answered unknown or unsure are kept there (answers.capture)
     poll_s: float | None = None  # serve --model-dir: look for new versions every poll_s seconds (None: on request)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,9 @@ from typing import Any
 # Request latency buckets, seconds: a small model answers in milliseconds, a slow upload in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+SCORE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)  # the answer's probability: how sure the model is
+# Out-of-distribution scores: a detector's own scale (squared distances, 1 - cosine, energies), so a wide ladder.
+OOD_BUCKETS = (-100.0, -10.0, -1.0, 0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 10000.0)
 
 
 class Metrics:
@@ -38,6 +41,30 @@ class Metrics:
         self.swaps = Counter("tledge_model_swaps", "model versions swapped in while serving", registry=r)
         self.versions_refused = Counter("tledge_versions_refused", "model versions refused, by the step that "
                                         "refused them", ["reason"], registry=r)
+        # What the answers say, per model name (a fleet's Prometheus sees drift): images answered, the ones the model
+        # called unknown or unsure (a prediction set of more than one class), and how the scores are spread.
+        self.answers = Counter("tledge_answers", "images answered", ["model"], registry=r)
+        self.unknown = Counter("tledge_unknown", "images answered 'unknown' (out of distribution)", ["model"],
+                               registry=r)
+        self.unsure = Counter("tledge_unsure", "images whose prediction set is not one class", ["model"], registry=r)
+        self.top_score = Histogram("tledge_top_score", "calibrated probability of the answer", ["model"],
+                                   buckets=SCORE_BUCKETS, registry=r)
+        self.ood_score = Histogram("tledge_ood_score", "out-of-distribution score (higher: further from the "
+                                   "training data)", ["model"], buckets=OOD_BUCKETS, registry=r)
+        self._model_name = model.get("name", "")
+
+    def answered(self, answers: list) -> None:
+        """Count the answers (:class:`~tledge_runtime.answers.prediction.Prediction`) of one request."""
+        name = self._model_name
+        for a in answers:
+            self.answers.labels(name).inc()
+            self.top_score.labels(name).observe(a.score)
+            if a.unknown is not None:
+                self.ood_score.labels(name).observe(a.ood_score)
+                if a.unknown:
+                    self.unknown.labels(name).inc()
+            if a.unsure:
+                self.unsure.labels(name).inc()
 
     def set_model(self, info: dict[str, str]) -> None:
         """The model serving now (after a swap): its labels and its version number."""

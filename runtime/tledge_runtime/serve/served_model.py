@@ -31,6 +31,9 @@ IMAGE_INPUT = "image"
 LABEL_OUTPUT = "label"
 SCORE_OUTPUT = "score"
 PROBABILITIES_OUTPUT = "probabilities"
+CANDIDATES_OUTPUT = "candidates"  # the prediction set: labels joined by newlines (models with conformal sets)
+UNKNOWN_OUTPUT = "unknown"  # models with an out-of-distribution output
+OOD_OUTPUT = "ood_score"
 
 # Open Inference Protocol datatypes of the graph's tensors (Triton's config says TYPE_<datatype>, BYTES is STRING).
 _DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}
@@ -106,7 +109,9 @@ def graph_inputs(meta: ModelMeta) -> tuple[TensorSpec, ...]:
 def graph_outputs(meta: ModelMeta) -> tuple[TensorSpec, ...]:
     # fp16 models keep float32 outputs unless exported with fp16 I/O, which the input dtype records.
     datatype = "FP16" if meta.input.dtype == "float16" else "FP32"
-    return (TensorSpec(meta.output.name, datatype, (meta.num_classes,), labelled=True),)
+    logits = TensorSpec(meta.output.name, datatype, (meta.num_classes,), labelled=True)
+    ood = meta.answers.ood if meta.answers is not None else None
+    return (logits,) if ood is None else (logits, TensorSpec(ood.output, "FP32", (1,)))
 
 
 def image_inputs(meta: ModelMeta) -> tuple[TensorSpec, ...]:
@@ -114,8 +119,14 @@ def image_inputs(meta: ModelMeta) -> tuple[TensorSpec, ...]:
 
 
 def image_outputs(meta: ModelMeta) -> tuple[TensorSpec, ...]:
-    return (TensorSpec(LABEL_OUTPUT, "BYTES", (1,)), TensorSpec(SCORE_OUTPUT, "FP32", (1,)),
-            TensorSpec(PROBABILITIES_OUTPUT, "FP32", (meta.num_classes,), labelled=True))
+    out = (TensorSpec(LABEL_OUTPUT, "BYTES", (1,)), TensorSpec(SCORE_OUTPUT, "FP32", (1,)),
+           TensorSpec(PROBABILITIES_OUTPUT, "FP32", (meta.num_classes,), labelled=True))
+    a = meta.answers
+    if a is not None and a.conformal is not None:
+        out += (TensorSpec(CANDIDATES_OUTPUT, "BYTES", (1,)),)
+    if a is not None and a.ood is not None:
+        out += (TensorSpec(UNKNOWN_OUTPUT, "BOOL", (1,)), TensorSpec(OOD_OUTPUT, "FP32", (1,)))
+    return out
 
 
 def prepare_images(classifier: Any, encoded: np.ndarray) -> np.ndarray:
@@ -135,10 +146,19 @@ def prepare_images(classifier: Any, encoded: np.ndarray) -> np.ndarray:
     return np.stack(prepared)
 
 
-def image_results(probs: np.ndarray, labels: tuple[str, ...], best: np.ndarray) -> dict[str, np.ndarray]:
-    """The ``_image`` model's outputs for ``N x classes`` probabilities and the decided class of each row:
-    label (BYTES), score, probabilities."""
+def image_results(probs: np.ndarray, answers: list) -> dict[str, np.ndarray]:
+    """The ``_image`` model's outputs for ``N x classes`` probabilities and each row's answer
+    (:class:`~tledge_runtime.answers.prediction.Prediction`): label (BYTES), score, probabilities, and the
+    prediction set (BYTES, labels joined by newlines), unknown (BOOL) and ood_score where the model has them."""
     label = np.empty((len(probs), 1), dtype=np.object_)
-    label[:, 0] = [labels[i].encode("utf-8") for i in best]
-    return {LABEL_OUTPUT: label, SCORE_OUTPUT: probs[np.arange(len(probs)), best].astype(np.float32)[:, None],
-            PROBABILITIES_OUTPUT: probs.astype(np.float32)}
+    label[:, 0] = [a.label.encode("utf-8") for a in answers]
+    out = {LABEL_OUTPUT: label, SCORE_OUTPUT: np.array([[a.score] for a in answers], dtype=np.float32),
+           PROBABILITIES_OUTPUT: probs.astype(np.float32)}
+    if answers and answers[0].candidates is not None:
+        sets = np.empty((len(answers), 1), dtype=np.object_)
+        sets[:, 0] = ["\n".join(a.candidates).encode("utf-8") for a in answers]
+        out[CANDIDATES_OUTPUT] = sets
+    if answers and answers[0].unknown is not None:
+        out[UNKNOWN_OUTPUT] = np.array([[a.unknown] for a in answers], dtype=bool)
+        out[OOD_OUTPUT] = np.array([[a.ood_score] for a in answers], dtype=np.float32)
+    return out

@@ -50,14 +50,16 @@ class TritonPythonModel:
                 continue
             spans.append((sum(len(p) for p in prepared), len(images)))
             prepared.append(images)
-        probs = clf.infer(np.concatenate(prepared)) if prepared else np.zeros((0, clf.meta.num_classes))
+        probs, scores = clf.infer_scored(np.concatenate(prepared)) if prepared else (
+            np.zeros((0, clf.meta.num_classes)), None)
         responses = []
         for span in spans:
             if not isinstance(span, tuple):
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=span))
                 continue
             rows = probs[span[0]:span[0] + span[1]]
-            results = sm.image_results(rows, clf.labels, clf.decide(rows))
+            ood = None if scores is None else scores[span[0]:span[0] + span[1]]
+            results = sm.image_results(rows, clf.answerer.predictions(rows, ood))
             outputs = [pb_utils.Tensor(name, array) for name, array in results.items()]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
