@@ -96,7 +96,7 @@ class Classifier:
         traces, stages = trace_references(self.meta, self.path.name)
         refs = reference_set_of(self.meta, self.path.name)
         report = CheckReport(self.path.name, len(refs.items), refs.images, stages,
-                             [check_numerics(self.meta, self.backend_name, self.run_graph, traces)])
+                             [check_numerics(self.meta, self.backend_name, self.run_graph_scored, traces)])
         log.info("%s: reference check on %s: %s", self.path.name, self.backend_name,
                  "all stages hold" if report.ok else "; ".join(report.failures()))
         self.check_report = report

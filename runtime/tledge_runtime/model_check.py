@@ -26,7 +26,7 @@ def check_model(path: str | Path, backends: Sequence[str] = ("auto",), *, device
     for name in names:
         try:
             with Classifier(path, device=device, backend=None if name == "auto" else name, threads=threads) as clf:
-                report.backends.append(check_numerics(clf.meta, clf.backend_name, clf.run_graph, traces))
+                report.backends.append(check_numerics(clf.meta, clf.backend_name, clf.run_graph_scored, traces))
         except TledgeError as e:
             report.backends.append(BackendCheck(name, False, f"could not load: {e.message}"))
     return report

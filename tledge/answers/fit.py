@@ -82,9 +82,11 @@ def _temperature(val: Optional[Split], test: Optional[Split], record: dict, unfi
     t = calibrate.fit_temperature(val.logits, val.labels)
     said = (f"temperature {t:.3g} fitted on the val split, {n} images: NLL "
             f"{calibrate.nll(val.logits, val.labels):.3f} -> {calibrate.nll(val.logits, val.labels, t):.3f}")
-    record["calibration"] = {"temperature": t, "fitted_on": said}
+    if calibrate.at_bound(t):
+        said += f" (at the search bound {calibrate.T_RANGE}: the split is too small or too easy to say more)"
+    record["calibration_fit"] = {"temperature": t, "fitted_on": said}
     if test is not None and len(test):
-        record["calibration"]["test"] = calibrate.calibration_report(test.logits, test.labels, t)
+        record["calibration_fit"]["test"] = calibrate.calibration_report(test.logits, test.labels, t)
     log.info("calibration: %s", said)
     return t, said
 

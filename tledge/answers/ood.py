@@ -4,8 +4,9 @@ Every method gives a score, higher = further from the training data, computed fr
 computes: the backbone's pooled features and the logits. The export puts the same arithmetic into the graph as
 a second output (:mod:`tledge_export.convert.ood_head`), so every backend and precision computes it.
 
-- ``mahalanobis``: the features projected on their 64 principal directions and whitened with the pooled
-  within-class covariance; the score is the squared distance to the nearest class mean.
+- ``mahalanobis``: the features projected on their 96 principal directions and whitened with the pooled
+  within-class covariance (shrunk towards its mean variance); the score is the squared distance to the nearest
+  class mean.
 - ``knn``: the same projection, length-normalised; the score is one minus the cosine similarity to the
   ``K``-th nearest training image (a bank of training images, as many as the size budget allows).
 - ``energy``: ``-T * logsumexp(logits / T)``; ``msp``: minus the top calibrated probability (the baseline).
@@ -22,9 +23,14 @@ from typing import Optional
 import numpy as np
 
 METHODS = ("mahalanobis", "knn", "energy", "msp")
-DIMENSIONS = 64  # principal directions kept: enough for a few classes, small in the graph (64 x 1280 floats)
+# Principal directions kept (fewer when the size budget asks): on ELPV 96 separated far-away images best (AUROC
+# 0.992 vs 0.991 at 64 and 0.983 at 32) and fit 512 KB for 1280-d features.
+DIMENSIONS = 96
 NEIGHBOUR = 10  # knn: the K-th nearest training image (robust to a few outliers in the training set)
-SHRINKAGE = 1e-3  # added to the covariance's diagonal, relative to its mean variance: keeps it invertible
+# Added to the covariance's diagonal, relative to its mean variance. Whitening divides by the square root of each
+# direction's variance: the smallest ones would turn int8's small feature errors into large score changes (on
+# ELPV 0.05 keeps fp32 and int8 AUROC within 0.001 and flips fewer "unknown" decisions than 1e-3).
+SHRINKAGE = 0.05
 
 
 @dataclass
@@ -78,7 +84,8 @@ def fit(method: str, features: np.ndarray, labels: np.ndarray, temperature: floa
         return Detector(method, {}, temperature)
     f = np.asarray(features, dtype=np.float64)
     mean = f.mean(axis=0)
-    d = int(min(DIMENSIONS, f.shape[1], max(2, len(f) - 1)))
+    room = max(2, (max_bytes - 64 * 1024) // (4 * f.shape[1]))  # the projection dominates the bytes
+    d = int(min(DIMENSIONS, f.shape[1], max(2, len(f) - 1), room))
     _, _, vt = np.linalg.svd(f - mean, full_matrices=False)
     project = vt[:d]  # d x D, orthonormal rows
     z = (f - mean) @ project.T

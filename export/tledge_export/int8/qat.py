@@ -134,7 +134,8 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     order = rng.permutation(len(x_all))
     normalize = Normalize(preprocess)
 
-    teacher = copy.deepcopy(model).float().cpu().eval()
+    core, rewrap = _logits_part(model)
+    teacher = copy.deepcopy(core).float().cpu().eval()
     student = copy.deepcopy(teacher)
     folded = fold_batchnorm(student, normalize(x_all[order[:8]]))
     clean = copy.deepcopy(student)  # the float architecture the fine-tuned weights go back into for export
@@ -154,13 +155,27 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     lap("train")
     state = {k: v for k, v in student.state_dict().items() if k in clean.state_dict()}
     clean.load_state_dict(state, strict=True)
-    fp32, qdq, quant = _export(clean.eval(), calib, normalize, preprocess, config.target, batch, opset, quantize)
+    fp32, qdq, quant = _export(rewrap(clean.eval()), calib, normalize, preprocess, config.target, batch, opset,
+                               quantize)
     lap("export")
     details = _details(config, len(x_all), len(calib), folded, quantizers, losses, time.perf_counter() - started,
                        phases.seconds)
     log.info("QAT: %d steps in %.0f s, loss %.4f -> %.4f", config.steps, details["seconds"], losses[0],
              details["loss_last"])
     return QATResult(qdq, fp32, replace(quant, method="qat") if quant else None, details)
+
+
+def _logits_part(model: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """The part QAT trains (image -> logits) and how to put the fine-tuned part back into the exported model: a
+    model with an out-of-distribution score keeps its (float, never quantized) head on the new features."""
+    from torch import nn
+
+    from tledge_export.convert.ood_head import WithScore
+
+    if not isinstance(model, WithScore):
+        return model, lambda clean: clean
+    head = copy.deepcopy(model.ood)
+    return nn.Sequential(model.features, model.classifier), lambda clean: WithScore(clean[0], clean[1], head).eval()
 
 
 class _Phases:
@@ -317,7 +332,8 @@ def _export(clean: Any, calib: np.ndarray, normalize: Normalize, p: Preprocess, 
     from tledge_export.int8.quantize import Quantizer
 
     with torch.no_grad():
-        num_classes = int(clean(normalize(calib[:1])).shape[1])
+        out = clean(normalize(calib[:1]))
+        num_classes = int((out[0] if isinstance(out, tuple) else out).shape[1])
     fp32 = export_onnx(clean, p, num_classes, batch=batch, opset=opset)
     if not quantize:
         return fp32, None, None

@@ -85,7 +85,8 @@ def compare_scores(v: Verification, scores: np.ndarray, reference: np.ndarray, o
     agree = None
     if ood is not None and finite:
         agree = float(((scores >= ood.threshold) == (reference >= ood.threshold)).mean())
-    v = v.with_(ood_max_abs_diff=diff, unknown_agreement=agree, unknown_images=int(len(scores)))
+    v = v.with_(ood_max_abs_diff=diff, unknown_agreement=agree, unknown_images=int(len(scores)),
+                unknown_threshold=None if ood is None else ood.threshold)
     failures = judge_unknown(v, scores, reference) if finite else [f"non-finite ood_score for "
                                                                    f"{int((~np.isfinite(scores)).sum())} images"]
     return v.with_(passed=v.passed and not failures, failures=v.failures + tuple(failures))

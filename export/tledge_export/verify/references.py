@@ -23,7 +23,8 @@ from typing import Any, Optional
 import numpy as np
 import onnx
 
-from tledge_export.verify.run import Reference, torch_logits
+from tledge_export.convert.ood_head import SCORE_NAME
+from tledge_export.verify.run import Reference, torch_outputs
 from tledge_runtime.check.trace import encode_reference_image, trace
 from tledge_runtime.model.meta import Preprocess
 from tledge_runtime.model.reference_set import ReferenceItem, ReferenceSet, synthetic_image
@@ -47,9 +48,10 @@ def build_reference_set(model: Any, preprocess: Preprocess, reference: Reference
         source = sources[i] if sources is not None else reference.images[i]
         encoded = encode_reference_image(source, preprocess, JPEG_QUALITY)
         traced = trace(encoded, preprocess)
-        logits = torch_logits(model, traced.tensor)[0]
-        items.append(ReferenceItem(tuple(logits.tolist()), traced.fingerprint,
-                                   image=base64.b64encode(encoded).decode("ascii"), label=int(reference.labels[i])))
+        logits, scores = torch_outputs(model, traced.tensor)
+        items.append(ReferenceItem(tuple(logits[0].tolist()), traced.fingerprint,
+                                   image=base64.b64encode(encoded).decode("ascii"), label=int(reference.labels[i]),
+                                   ood_score=None if scores is None else float(scores[0])))
     return ReferenceSet(tuple(_synthetic(model, preprocess) + items))
 
 
@@ -73,10 +75,11 @@ def _choose(reference: Reference, count: int) -> list[int]:
 
 def _synthetic(model: Any, p: Preprocess) -> list[ReferenceItem]:
     traced = [trace(synthetic_image(seed, p.height, p.width), p) for seed in range(SYNTHETIC_CANDIDATES)]
-    logits = torch_logits(model, np.concatenate([t.tensor for t in traced]))
+    logits, scores = torch_outputs(model, np.concatenate([t.tensor for t in traced]))
     top2 = np.sort(logits, axis=1)[:, -2:]
     best = np.argsort(-(top2[:, 1] - top2[:, 0]), kind="stable")[:SYNTHETIC_KEPT]
-    return [ReferenceItem(tuple(logits[i].tolist()), traced[i].fingerprint, seed=int(i)) for i in sorted(best)]
+    return [ReferenceItem(tuple(logits[i].tolist()), traced[i].fingerprint, seed=int(i),
+                          ood_score=None if scores is None else float(scores[i])) for i in sorted(best)]
 
 
 def size_of(refs: ReferenceSet) -> int:
@@ -112,7 +115,13 @@ def with_tolerance(refs: ReferenceSet, model: Any, preprocess: Preprocess, preci
     else:  # float32, or float16 for a model exported with fp16 I/O
         x = np.concatenate([t.tensor for t in traced]).astype(np.float16 if elem == onnx.TensorProto.FLOAT16
                                                                  else np.float32)
-    logits = run(session(model), x)[0]
-    worst = float(np.abs(logits - np.array([item.logits for item in refs.items])).max())
-    return replace(refs, tolerance=round(max(2 * worst, MIN_ACCURACY_TOLERANCE), 6))
+    scored = any(o.name == SCORE_NAME for o in model.graph.output) and refs.items[0].ood_score is not None
+    outputs = run(session(model), x, outputs=[model.graph.output[0].name] + ([SCORE_NAME] if scored else []))
+    worst = float(np.abs(outputs[0] - np.array([item.logits for item in refs.items])).max())
+    refs = replace(refs, tolerance=round(max(2 * worst, MIN_ACCURACY_TOLERANCE), 6))
+    if scored:
+        moved = np.abs(outputs[1].reshape(-1) - np.array([item.ood_score for item in refs.items]))
+        scale = max(1.0, float(np.abs([item.ood_score for item in refs.items]).max()))
+        refs = replace(refs, ood_tolerance=round(max(2 * float(moved.max()), MIN_ACCURACY_TOLERANCE * scale), 6))
+    return refs
 

@@ -86,8 +86,9 @@ def _measure(path: Path, backend: str, open_explicit: Callable[[str], Opened]) -
         return None
     engine, meta = opened.backend, opened.meta
 
-    def run_graph(x: np.ndarray) -> np.ndarray:
-        return np.asarray(engine.run(pad_to(x, engine.fixed_batch)))[: len(x)]
+    def run_graph(x: np.ndarray) -> tuple[np.ndarray, Any]:
+        out, scores = engine.run_scored(pad_to(x, engine.fixed_batch))
+        return np.asarray(out)[: len(x)], None if scores is None else np.asarray(scores).reshape(-1)[: len(x)]
 
     try:
         if meta.reference_set is not None:

@@ -119,17 +119,18 @@ def trace_references(meta: ModelMeta, where: str) -> tuple[list[Trace], list[Sta
     return traces, stages
 
 
-def check_numerics(meta: ModelMeta, backend: str, run_graph: Callable[[np.ndarray], np.ndarray],
+def check_numerics(meta: ModelMeta, backend: str, run_graph: Callable[[np.ndarray], Any],
                    traces: Sequence[Trace]) -> BackendCheck:
-    """Run a loaded model (``run_graph``: graph input batch -> outputs, e.g. ``Classifier.run_graph``) on the
-    traced tensors and compare its outputs with the stored PyTorch logits."""
+    """Run a loaded model (``run_graph``: graph input batch -> outputs, e.g. ``Classifier.run_graph``, or -> (outputs,
+    out-of-distribution scores), e.g. ``Classifier.run_graph_scored``) on the traced tensors and compare its
+    outputs with the stored PyTorch logits (and scores, for a model that carries them)."""
     refs = reference_set_of(meta, backend)
     t0 = time.perf_counter()
     x = np.concatenate([t.tensor_u8[None] if meta.input.dtype == "uint8" else t.tensor for t in traces])
     if meta.input.layout == "NHWC" and meta.input.dtype != "uint8":
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     try:
-        got = np.asarray(run_graph(x), dtype=np.float64)
+        got, scores = _outputs(run_graph(x))
     except TledgeError as e:
         return BackendCheck(backend, False, f"could not run: {e.message}")
     ref = np.array([item.logits for item in refs.items], dtype=np.float64)
@@ -139,7 +140,34 @@ def check_numerics(meta: ModelMeta, backend: str, run_graph: Callable[[np.ndarra
     seconds = time.perf_counter() - t0
     if got.shape != ref.shape:
         return BackendCheck(backend, False, f"outputs {got.shape}, references {ref.shape}", seconds=seconds)
-    return _judge(backend, meta, got, ref, seconds)
+    verdict = _judge(backend, meta, got, ref, seconds)
+    problem = _judge_scores(meta, refs, scores)
+    if problem:
+        return BackendCheck(backend, False, f"{verdict.detail}; {problem}", verdict.agreement, verdict.max_abs_diff,
+                            verdict.seconds)
+    return verdict
+
+
+def _outputs(result: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    if isinstance(result, tuple):
+        out, scores = result
+        return np.asarray(out, dtype=np.float64), None if scores is None else np.asarray(scores, np.float64).reshape(-1)
+    return np.asarray(result, dtype=np.float64), None
+
+
+def _judge_scores(meta: ModelMeta, refs: Any, scores: Optional[np.ndarray]) -> str:
+    """What is wrong with the out-of-distribution scores, or "" (also when the model or the references have none)."""
+    stored = [item.ood_score for item in refs.items]
+    if scores is None or any(v is None for v in stored):
+        return ""
+    ref = np.asarray(stored, dtype=np.float64)
+    diff = np.abs(scores - ref)
+    v = meta.verification
+    if v is not None and v.budget.kind == "logits":
+        limit = v.budget.atol + v.budget.rtol * np.abs(ref)
+        return "" if (diff <= limit).all() else f"ood_score differs from PyTorch's by up to {diff.max():.3g}"
+    tol = refs.ood_tolerance if refs.ood_tolerance is not None else MIN_ACCURACY_TOLERANCE
+    return "" if diff.max() <= tol else f"ood_score differs from PyTorch's by {diff.max():.3g} > {tol:.3g}"
 
 
 def _judge(backend: str, meta: ModelMeta, got: np.ndarray, ref: np.ndarray, seconds: float) -> BackendCheck:

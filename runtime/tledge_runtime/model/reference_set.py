@@ -60,6 +60,7 @@ class ReferenceItem:
     image: str = ""  # base64 of the encoded file; "" for a synthetic input
     seed: Optional[int] = None  # synthetic input: the pattern's seed
     label: Optional[int] = None  # the image's true class, when known
+    ood_score: Optional[float] = None  # PyTorch's out-of-distribution score (models that carry one)
 
     def __post_init__(self) -> None:
         check(isinstance(self.image, str) and len(self.image) <= MAX_IMAGE_BYTES * 4 // 3 + 4,
@@ -71,6 +72,8 @@ class ReferenceItem:
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                       for v in self.logits), "reference logits must be a list of finite numbers")
         object.__setattr__(self, "logits", tuple(float(v) for v in self.logits))
+        check(self.ood_score is None or (isinstance(self.ood_score, (int, float)) and not isinstance(self.ood_score,
+              bool) and math.isfinite(self.ood_score)), "reference ood_score must be null or a finite number")
 
     @property
     def synthetic(self) -> bool:
@@ -90,6 +93,8 @@ class ReferenceSet:
     # itself measured on them with onnxruntime's CPU at export (at least 0.05): another backend may round
     # differently, not twice as badly. None for fp32 models, held to their logits budget.
     tolerance: Optional[float] = None
+    # The same for the out-of-distribution score, in its own units (twice the model's largest difference there).
+    ood_tolerance: Optional[float] = None
 
     def __post_init__(self) -> None:
         check(isinstance(self.items, (list, tuple)) and len(self.items) <= MAX_ITEMS,
@@ -97,6 +102,9 @@ class ReferenceSet:
         check(self.tolerance is None or (isinstance(self.tolerance, (int, float)) and not isinstance(self.tolerance,
               bool) and math.isfinite(self.tolerance) and 0 <= self.tolerance <= 1e6),
               "reference set tolerance must be null or a number in 0..1e6")
+        check(self.ood_tolerance is None or (isinstance(self.ood_tolerance, (int, float)) and not isinstance(
+              self.ood_tolerance, bool) and math.isfinite(self.ood_tolerance) and 0 <= self.ood_tolerance <= 1e9),
+              "reference set ood_tolerance must be null or a number in 0..1e9")
         object.__setattr__(self, "items", tuple(self.items))
 
     @property
@@ -110,14 +118,16 @@ class ReferenceSet:
             d: dict[str, Any] = {"logits": [float(f"{v:.7g}") for v in item.logits],
                                  "fingerprint": {"decoded": f.decoded, "resized": f.resized,
                                                  "normalized": f.normalized, "decoded_mean": list(f.decoded_mean)}}
-            d.update({k: v for k, v in (("image", item.image), ("seed", item.seed), ("label", item.label)) if v not in
-                      ("", None)})
+            d.update({k: v for k, v in (("image", item.image), ("seed", item.seed), ("label", item.label),
+                                        ("ood_score", item.ood_score)) if v not in ("", None)})
             out.append(d)
-        return {"items": out} if self.tolerance is None else {"items": out, "tolerance": self.tolerance}
+        extra = {k: v for k, v in (("tolerance", self.tolerance), ("ood_tolerance", self.ood_tolerance)) if v is not None}
+        return {"items": out, **extra}
 
     @classmethod
     def from_dict(cls, d: Any) -> ReferenceSet:
-        check(isinstance(d, dict) and set(d) <= {"items", "tolerance"} and isinstance(d.get("items"), list),
+        check(isinstance(d, dict) and set(d) <= {"items", "tolerance", "ood_tolerance"}
+              and isinstance(d.get("items"), list),
               "metadata field 'reference_set' must be an object with a list of items")
         items = []
         for raw in d["items"][:MAX_ITEMS + 1]:
@@ -125,7 +135,7 @@ class ReferenceSet:
             raw = dict(raw)
             raw["fingerprint"] = build(Fingerprint, raw.get("fingerprint"), "reference fingerprint")
             items.append(build(ReferenceItem, raw, "reference item"))
-        return cls(tuple(items), d.get("tolerance"))
+        return cls(tuple(items), d.get("tolerance"), d.get("ood_tolerance"))
 
 
 def synthetic_image(seed: int, height: int, width: int) -> np.ndarray:

@@ -153,6 +153,7 @@ class Verification:
     ood_max_abs_diff: Optional[float] = None
     unknown_agreement: Optional[float] = None
     unknown_images: Optional[int] = None
+    unknown_threshold: Optional[float] = None  # the threshold those decisions were taken at
 
     @property
     def agreement_decided(self) -> Optional[float]:
@@ -244,6 +245,8 @@ class Verification:
         for name in ("backend", "reference", "data", "measured"):
             _text(getattr(self, name), name)
         _need(all(_count(getattr(self.flips, f.name)) for f in fields(Flips)), "verification flips must be counts")
+        _need(self.unknown_threshold is None or _number(self.unknown_threshold),
+              "verification unknown_threshold must be null or a number")
         _need(self.unknown_agreement is None or (_number(self.unknown_agreement) and 0 <= self.unknown_agreement <= 1),
               "verification unknown_agreement must be null or in 0..1")
         for name in ("decided", "flips_decided", "unknown_images"):
