@@ -80,3 +80,26 @@ def test_table_has_a_row_per_k(sim):
     results = {"fp16": sim.simulate(task, 0.1, [0, 1, 2], reps=5), "int8": sim.simulate(task, 1.0, [0, 1, 2], reps=5)}
     lines = sim.table(results).splitlines()
     assert len(lines) == 2 + 3 and "fp16 old" in lines[0] and "int8 new" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def history():
+    spec = importlib.util.spec_from_file_location("gate_history", SCRIPT.with_name("gate_history.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_history_rejudges_the_issue_25_demo_from_its_counts(history):
+    fp16, int8 = history.HISTORY[:2]
+    assert history.old_rule(fp16) == history.old_rule(int8) == "refused"
+    assert history.accuracy_part(fp16)["refused"] is False and history.accuracy_part(int8)["refused"] is False
+    assert history.agreement_part(fp16)["words"] == "passes whichever were decided"
+    # 10 changed answers: refused for agreement only if more than 1% of the 852 decided images changed, i.e. 9
+    assert history.agreement_part(int8)["least_decided_changes_refusing"]["852"] == 9
+    unknown = history.Record("15 changed, directions unknown", "", "int8", 15)
+    assert history.accuracy_part(unknown)["refusing_to_wrong"] == [12, 13, 14, 15]  # Δ <= -1.06 and below zero
