@@ -198,16 +198,18 @@ def check_against_report(run: Path, task: Task, fmt: str) -> dict[str, Any]:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    """One row per k: % of the set, then per format the expected loss and the refusal rate of each rule."""
+    """One row per k: % of the set, then per format the expected loss, the refusal rate of each rule, and how often
+    the new rule's refusals named the accuracy loss (the rest: agreement on decided images)."""
     fmts = list(results)
-    head = ["k", "% of set"] + [f"{f} {c}" for f in fmts for c in ("E[loss] pt", "old", "new")]
+    head = ["k", "% of set"] + [f"{f} {c}" for f in fmts for c in ("E[loss] pt", "old", "new", "new: loss")]
     first = results[fmts[0]]
     rows = []
     for i, k in enumerate(first["k"]):
         row = [str(k), f"{100 * k / first['images']:.2f}"]
         for f in fmts:
             r = results[f]
-            row += [f"{r['expected_loss_points'][i]:+.2f}", f"{r['old'][i]:.3f}", f"{r['new'][i]:.3f}"]
+            row += [f"{r['expected_loss_points'][i]:+.2f}", f"{r['old'][i]:.3f}", f"{r['new'][i]:.3f}",
+                    f"{r['new_reasons'][i]['accuracy']:.3f}"]
         rows.append(row)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows]
@@ -223,26 +225,28 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"fp16": "tab:blue", "int8": "tab:red"}
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(2, 1))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True, height_ratios=(2, 1))
     n = next(iter(results.values()))["images"]
-    for fmt, r in results.items():
+    for i, (fmt, r) in enumerate(results.items()):
         c = colors.get(fmt, "k")
         top.plot(r["k"], r["old"], "--o", color=c, ms=3, label=f"{fmt}, old rule (point estimates)")
         top.plot(r["k"], r["new"], "-o", color=c, ms=3, label=f"{fmt}, new rule (paired interval, decided)")
+        top.plot(r["k"], [x["accuracy"] for x in r["new_reasons"]], ":", color=c, lw=1,
+                 label=f"{fmt}, new rule refusing for the loss (interval below zero)")
         bottom.plot(r["k"], r["expected_loss_points"], "-", color=c, label=f"{fmt} expected loss")
         bottom.axhline(r["budget_points"], color=c, lw=0.8, ls=":", label=f"{fmt} budget {r['budget_points']:g} pt")
         if r["crossing_k"] is not None:
             for ax in (top, bottom):
                 ax.axvline(r["crossing_k"], color=c, lw=0.8, ls=":")
-            top.annotate(f"{fmt}: expected loss\n> {r['budget_points']:g} pt", (r["crossing_k"], 0.5),
-                         xytext=(4, 0), textcoords="offset points", color=c, fontsize=8)
+            top.annotate(f"{fmt}: expected loss\n> {r['budget_points']:g} pt", (r["crossing_k"], 0.6 - 0.25 * i),
+                         xytext=(3, 0), textcoords="offset points", color=c, fontsize=8)
     top.set_ylabel("refusal rate")
     top.set_ylim(-0.03, 1.03)
-    top.set_title(title, fontsize=9)
-    top.legend(fontsize=7, loc="center right")
+    fig.suptitle(title, fontsize=9)
+    top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the lines fill the axes
     bottom.set_ylabel("expected accuracy loss, points")
     bottom.set_xlabel(f"k: answers changed (images of {n})")
-    bottom.legend(fontsize=7, loc="upper left")
+    bottom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     secondary = top.secondary_xaxis("top", functions=(lambda k: 100 * k / n, lambda p: p * n / 100))
     secondary.set_xlabel("k, % of the verification set")
     fig.tight_layout()
