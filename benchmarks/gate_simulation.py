@@ -155,31 +155,40 @@ def crossing(base: float, per_flip: float, max_drop_points: float) -> Optional[f
     return None if per_flip >= 0 else (max_drop_points + base) / -per_flip
 
 
-def verification_set(run: Path, workers: int = 2) -> tuple[Any, dict[str, np.ndarray]]:
-    """The export's verification set of ``run``, rebuilt the way `tledge export` builds it, and the logits of each
-    exported fp16/int8 file on it: ``(Reference, {format: logits})`` (a refused format has no file and no entry)."""
-    from tledge.exporting import _answers_of, _held_out, _run_splits  # export's own steps: the same images, in order
+def verification_set(run: Path, workers: int = 2) -> tuple[Any, dict[str, np.ndarray], Optional[Answers]]:
+    """The export's verification set of ``run``, rebuilt the way `tledge export` builds it, the logits of each
+    exported fp16/int8 file on it (a refused format has no file and no entry), and how those files decide an answer
+    (the ``answers`` in their metadata: what their verification used): ``(Reference, {format: logits}, answers)``."""
+    from tledge.exporting import _held_out, _run_splits  # export's own steps: the same images, in the same order
     from tledge.train.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_of
-    from tledge_export.verify.compare import Reference
+    from tledge_runtime.backends.loader import read_meta
+
+    try:  # the public name once verify/ is split into compare/gate/run (main after c706e23, issue 20)
+        from tledge_export.verify import Reference
+    except ImportError:  # before the split (this branch's base)
+        from tledge_export.verify.compare import Reference
 
     ckpt = load_checkpoint(run / "best.pt")
     labels, prep = list(ckpt["labels"]), preprocess_of(ckpt)
     held = _held_out(_run_splits(run, labels), prep, run, workers)
     reference = Reference.from_model(model_from_checkpoint(ckpt), held.images, held.labels, prep, labels,
-                                     data=f"held-out val+test split of {run.name}", answers=_answers_of(ckpt))
-    return reference, {fmt: file_logits(run / "export" / name, reference)
-                       for fmt, name in FILES.items() if (run / "export" / name).is_file()}
+                                     data=f"held-out val+test split of {run.name}")
+    files = {fmt: run / "export" / name for fmt, name in FILES.items() if (run / "export" / name).is_file()}
+    answers = {fmt: read_meta(path).answers for fmt, path in files.items()}
+    if len({repr(a) for a in answers.values()}) > 1:
+        raise SystemExit(f"the exported files decide answers differently: {answers}")
+    return reference, {fmt: file_logits(path, reference) for fmt, path in files.items()}, next(iter(answers.values()),
+                                                                                               None)
 
 
 def file_logits(path: Path, reference: Any) -> np.ndarray:
-    """An exported file's logits on ``reference``, run and fed as export's verification runs it."""
+    """An exported file's logits (its first output) on ``reference``, fed as export's verification feeds it: the
+    input dtype and batch its metadata names."""
     from tledge_export.graph_run import run
-    from tledge_export.verify.compare import _input_dtype  # uint8 / float16 / float32 input, as verify_session picks
-    from tledge_runtime.backends.loader import ort_session
+    from tledge_runtime.backends.loader import ort_session, read_meta
 
-    sess = ort_session(path)
-    batch = sess.get_inputs()[0].shape[0]
-    return run(sess, reference.inputs_for(_input_dtype(sess)), fixed_batch=batch if isinstance(batch, int) else None)[0]
+    spec = read_meta(path).input
+    return run(ort_session(path), reference.inputs_for(np.dtype(spec.dtype)), fixed_batch=spec.batch)[0]
 
 
 def check_against_report(run: Path, task: Task, fmt: str) -> dict[str, Any]:
@@ -279,14 +288,15 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "gate_simulation.png")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    reference, logits = verification_set(args.run, args.workers)
+    reference, logits, answers = verification_set(args.run, args.workers)
     n = len(reference.labels)
-    print(f"verification set: {n} images ({reference.data}), {reference.name}; decoded and run in "
-          f"{time.perf_counter() - t0:.0f} s")
+    decision = "top class" if answers is None or answers.operating_point is None else answers.operating_point.describe()
+    print(f"verification set: {n} images ({reference.data}), {reference.name}; answers: {decision}; decoded and "
+          f"run in {time.perf_counter() - t0:.0f} s")
     ks = list(range(0, int(args.max_fraction * n) + 1))
     results, checks = {}, {}
     for fmt, fmt_logits in logits.items():
-        task = Task(reference.logits, reference.labels, fmt_logits, reference.classes, reference.answers)
+        task = Task(reference.logits, reference.labels, fmt_logits, reference.classes, answers)
         checks[fmt] = check_against_report(args.run, task, fmt)
         print(f"{fmt}: as exported: {checks[fmt]['summary']}; noise {checks[fmt]['noise']:.3g} logits; "
               f"same numbers as export's report.json: {checks[fmt]['same_as_export']}")
