@@ -141,7 +141,8 @@ def simulate(task: Task, max_drop_points: float, ks: Sequence[int], reps: int = 
         out["old"].append(refused["old"] / n)
         out["new"].append(refused["new"] / n)
         out["new_reasons"].append({r: c / n for r, c in reasons.items()})
-    out["crossing_k"] = crossing(base, per_flip, max_drop_points)
+    at = crossing(base, per_flip, max_drop_points)
+    out["crossing_k"] = None if at is None else round(at, 3)
     return out
 
 
@@ -302,8 +303,9 @@ def main() -> None:
               f"same numbers as export's report.json: {checks[fmt]['same_as_export']}")
         t1 = time.perf_counter()
         results[fmt] = simulate(task, BUDGETS[fmt], ks, args.reps, args.seed)
+        at = results[fmt]["crossing_k"]
         print(f"{fmt}: {args.reps} sets per k, k = 0..{ks[-1]}, in {time.perf_counter() - t1:.0f} s; expected loss "
-              f"crosses {BUDGETS[fmt]:g} pt at k = {results[fmt]['crossing_k']}")
+              f"crosses {BUDGETS[fmt]:g} pt at k = {'never' if at is None else f'{at:.2f}'}")
     missing = sorted(set(FILES) - set(logits))
     if missing:
         print(f"not simulated (no file: refused by the export): {', '.join(missing)}")
