@@ -136,7 +136,7 @@ def simulate(task: Task, max_drop_points: float, ks: Sequence[int], reps: int = 
             losses.append(-new.accuracy_delta_points)
         n = reps if k else 1
         out["k"].append(int(k))
-        out["expected_loss_points"].append(round(-(base + k * per_flip), 4))
+        out["expected_loss_points"].append(round(-(base + k * per_flip), 4) + 0.0)  # + 0.0: no "-0.00"
         out["mean_loss_points"].append(round(float(np.mean(losses)), 4))
         out["old"].append(refused["old"] / n)
         out["new"].append(refused["new"] / n)
