@@ -294,7 +294,7 @@ def main() -> None:
     decision = "top class" if answers is None or answers.operating_point is None else answers.operating_point.describe()
     print(f"verification set: {n} images ({reference.data}), {reference.name}; answers: {decision}; decoded and "
           f"run in {time.perf_counter() - t0:.0f} s")
-    ks = list(range(0, int(args.max_fraction * n) + 1))
+    ks = list(range(int(args.max_fraction * n) + 1))
     results, checks = {}, {}
     for fmt, fmt_logits in logits.items():
         task = Task(reference.logits, reference.labels, fmt_logits, reference.classes, answers)
