@@ -26,6 +26,12 @@ step demo bash -c "cd '$OUT/clone' && tledge demo --out runs/demo"
 DEMO="$OUT/clone/runs/demo"
 # The demo's table again on a quiet machine (the demo's own wall time and latencies are those of its run).
 step demo_benchmark bash -c "cd '$OUT/clone' && tledge benchmark runs/demo --data data/elpv/test"
+# The export gate (issue 25): refusal rate of the old and new rule as k answers of the demo's verification set are
+# flipped (in the clone: the demo's split.json names its images relative to it); the verdicts recorded before the
+# paired rule, re-judged from their counts.
+step gate_simulation bash -c "cd '$OUT/clone' && python benchmarks/gate_simulation.py runs/demo \
+  --json '$OUT/gate_simulation.json' --plot '$OUT/gate_simulation.png'"
+step gate_history python benchmarks/gate_history.py --json "$OUT/gate_history.json"
 # One preprocessing path (issue 11): camera-frame speed, end-to-end parity of `tledge evaluate --predictions`.
 step preprocess_speed python benchmarks/preprocess_speed.py --json "$OUT/preprocess_speed.json"
 step predictions_parity python benchmarks/predictions_parity.py "$DEMO/best.pt" "$OUT/clone/data/elpv/test"

@@ -71,9 +71,12 @@ class _LineProgress:
         eta = ""
         if self.total and rate > 0 and self.n < self.total:
             eta = f", ETA {(self.total - self.n) / rate:.0f}s"
+        # Slower than one unit a second (an export step, a training batch on a busy CPU): seconds per unit, as tqdm
+        # says it; "0.0 step/s" says nothing.
+        speed = f"{1 / rate:.1f} s/{self.unit}" if 0 < rate < 1 else f"{rate:.1f} {self.unit}/s"
         extra = self._extra()
         self._shown = (self.n, extra)
-        print(f"{self.desc}: {self.n}{of} {self.unit} [{elapsed:.0f}s, {rate:.1f} {self.unit}/s{eta}] {extra}".rstrip(),
+        print(f"{self.desc}: {self.n}{of} {self.unit} [{elapsed:.0f}s, {speed}{eta}] {extra}".rstrip(),
               file=sys.stderr, flush=True)
 
 

@@ -24,6 +24,7 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
     for name in ("model.fp16.onnx", "model.int8.onnx"):  # a 2-epoch, 32-px model may miss a budget: a row says so
         assert f"| {name} |" in text
         assert (out / "export" / name).is_file() or "refused by tledge export" in text
+    assert "[1/4]" in result.output and "[4/4]" in result.output  # every stage numbered, the data one too
     assert "recommendation: ship " in text
     assert "published baseline VGG-19" in text and "wall time" in text
     for name in ("best.pt", "curves.png", "confusion.png", "benchmark.png", "export/report.json"):

@@ -146,6 +146,19 @@ def test_line_progress_in_logs_shows_rate_and_eta(capsys, monkeypatch):
     assert "\r" not in "".join(lines)
 
 
+def test_line_progress_of_slow_steps_says_seconds_per_step(capsys, monkeypatch):
+    from tledge.progress import progress
+
+    monkeypatch.setenv("CI", "true")
+    bar = progress(total=3, desc="export", unit="step")
+    bar.interval = 0.0
+    bar.start -= 40.0  # one step took 40 s: "0.0 step/s" before
+    bar.update(1)
+    bar.close()
+    line = capsys.readouterr().err.strip().splitlines()[0]
+    assert line.startswith("export: 1/3 step [40s, 40.0 s/step, ETA 80s]"), line
+
+
 def test_log_lines_reach_the_stderr_of_each_invocation():
     # Each line exactly once (not again through the root logger's handler). CI found: the handler kept the first invocation's stderr, so a second main() in the same
     # process (an embedding app, Click's runner) lost its warnings, skip counts among them.
