@@ -46,10 +46,11 @@ def make_meta(variant: str = "fp32", *, labels: tuple[str, ...] = LABELS, size: 
 
 def build_graph(variant: str = "fp32", *, size: int = SIZE, classes: int = 3, channels: int = 3,
                 batch: int | None = None, probabilities: bool = False, input_name: str = "input",
-                pooled_output: bool = False) -> onnx.ModelProto:
+                pooled_output: bool = False, ood: bool = False) -> onnx.ModelProto:
     """The ONNX graph of a colour classifier; ``classes``/``channels`` other than 3 make mismatched graphs.
 
-    ``pooled_output`` stops after the pooling: an (N, C, 1, 1) output, wrong for a classifier.
+    ``pooled_output`` stops after the pooling: an (N, C, 1, 1) output, wrong for a classifier. ``ood`` adds a second
+    output ``ood_score``: minus the spread of the image's mean channel values (a grey or noise frame is "unknown").
     """
     fdt = np.float16 if variant == "fp16" else np.float32
     tdt = TensorProto.FLOAT16 if variant == "fp16" else TensorProto.FLOAT
@@ -84,8 +85,13 @@ def build_graph(variant: str = "fp32", *, size: int = SIZE, classes: int = 3, ch
                   helper.make_node("Softmax", ["z"], ["logits"], axis=1)]
     else:
         nodes.append(helper.make_node("Gemm", ["flat", "W", "B"], ["logits"]))
-    y = helper.make_tensor_value_info("logits", tdt, [n, classes])
-    return _finish(helper.make_graph(nodes, "colour", [x], [y], inits))
+    outputs = [helper.make_tensor_value_info("logits", tdt, [n, classes])]
+    if ood:  # "unknown" = colourless: minus the spread of the mean channel values (a grey frame scores ~0)
+        nodes += [helper.make_node("ReduceMax", ["flat"], ["top"], keepdims=1, axes=[1]),
+                  helper.make_node("ReduceMin", ["flat"], ["low"], keepdims=1, axes=[1]),
+                  helper.make_node("Sub", ["low", "top"], ["ood_score"])]
+        outputs.append(helper.make_tensor_value_info("ood_score", tdt, [n, 1]))
+    return _finish(helper.make_graph(nodes, "colour", [x], outputs, inits))
 
 
 def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
@@ -188,3 +194,15 @@ def write_int8_model(path: Path, fp32_path: Path, *, target: str = "cpu") -> Pat
                          activation_type="uint8" if target == "cpu" else "int8", per_channel=False)
     meta = make_meta().with_(precision="int8", quantization=quant)
     return write_model(path, graph=onnx.load(str(path)), meta=meta)
+
+
+def write_answered_model(path: Path, *, threshold: float = -0.5, set_threshold: float = 0.5) -> Path:
+    """A colour model that carries answers: prediction sets (LAC at ``set_threshold``) and "unknown" (an image
+    whose channel means spread less than ``-threshold`` normalized units, such as a grey frame)."""
+    from dataclasses import replace
+
+    from tledge_runtime.model.answers import OOD, Answers, Conformal
+
+    answers = Answers(conformal=Conformal("lac", 0.95, set_threshold, 100, "test"),
+                      ood=OOD("mahalanobis", "ood_score", threshold, 0.95, "test"))
+    return write_model(path, graph=build_graph(ood=True), meta=replace(make_meta(), answers=answers))
