@@ -122,12 +122,9 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
 
     from tledge_export.normalize import Normalize
 
-    config.validate()
+    _check_inputs(config, images, labels)
     mtq = _modelopt()
     x_all = _check_images(images, preprocess)
-    if config.label_weight > 0 and (labels is None or len(labels) != len(images)):
-        raise ExportError("QAT with label_weight > 0 needs one label per training image",
-                          hint="pass labels=..., or label_weight=0 to distil only")
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -163,6 +160,13 @@ def qat_int8(model: Any, images: np.ndarray, preprocess: Preprocess, *, labels: 
     log.info("QAT: %d steps in %.0f s, loss %.4f -> %.4f", config.steps, details["seconds"], losses[0],
              details["loss_last"])
     return QATResult(qdq, fp32, replace(quant, method="qat") if quant else None, details)
+
+
+def _check_inputs(config: QATConfig, images: np.ndarray, labels: Optional[np.ndarray]) -> None:
+    config.validate()
+    if config.label_weight > 0 and (labels is None or len(labels) != len(images)):
+        raise ExportError("QAT with label_weight > 0 needs one label per training image",
+                          hint="pass labels=..., or label_weight=0 to distil only")
 
 
 def _logits_part(model: Any) -> tuple[Any, Callable[[Any], Any]]:
