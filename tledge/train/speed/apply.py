@@ -1,4 +1,13 @@
-"""Process settings the fine-tuning phase runs under: threads, and glibc keeping freed activation memory.
+"""Process settings the fine-tuning phase runs under: threads, how idle threads wait, and glibc keeping freed
+activation memory.
+
+PyTorch's CPU kernels run on OpenMP threads, and libgomp's idle threads spin (burn a core) for a while before they
+sleep. On a machine whose cores are shared with other processes a spinning thread holds a core that the thread it
+waits for needs, and every one of a step's few thousand parallel regions waits for a descheduled thread: on
+machine C under another job's load, a Lite0 step took 2.0x as long with 2 spinning threads as with 1, and as
+long with 2 sleeping threads as with 1. :func:`prefer_sleeping_threads` sets ``OMP_WAIT_POLICY=PASSIVE`` for the
+`tledge finetune` process; libgomp reads it once, when torch loads, so it is set before any torch import and
+never over a value the user chose.
 
 Every training step allocates and frees the same few hundred activation tensors, most larger than glibc's largest
 mmap threshold (32 MiB). By default each of them is a fresh ``mmap`` and ``munmap``, so every step faults in and
@@ -13,7 +22,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
+import sys
 from typing import Optional
 
 log = logging.getLogger(__name__)
@@ -49,6 +60,18 @@ def release_allocations() -> None:
     libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP)
     libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
     libc.malloc_trim(0)
+
+
+def prefer_sleeping_threads() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy; only before torch is imported (no effect after)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def openmp_wait_policy() -> str:
+    """How this process's OpenMP threads wait (what the environment said when torch loaded, as far as tledge can
+    tell): passive (sleep), active (spin) or default (libgomp: spin a while, then sleep)."""
+    return os.environ.get("OMP_WAIT_POLICY", "default").strip().lower() or "default"
 
 
 def set_threads(threads: Optional[int]) -> None:

@@ -39,12 +39,14 @@ class SpeedChoice:
     measured: dict[str, Any] = field(default_factory=dict)  # the numbers behind the decisions (images/s, seconds)
     source: str = "rules"  # measured (this run's probe) | cached (an earlier run's, this machine) | rules
     cache_key: str = ""  # where this machine's measurements are kept in $TLEDGE_CACHE/train/choices.json
+    thread_wait: str = "default"  # OMP_WAIT_POLICY when torch loaded: passive (idle threads sleep) | active | default
 
     def line(self) -> str:
         """The one line a run prints about how it trains."""
         how = [self.precision, "compiled" if self.compile else "eager"]
         if self.threads is not None:
-            how.append(f"{self.threads} thread{'s' if self.threads != 1 else ''}")
+            how.append(f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+                       + (" (idle ones sleep)" if self.thread_wait == "passive" else ""))
         how.append("speed-ups on" if self.speedups else "speed-ups off")
         return (f"fine-tuning on {self.device}: {', '.join(how)} ({self.source}; " + "; ".join(self.reasons) + ")")
 
@@ -52,6 +54,9 @@ class SpeedChoice:
         d = asdict(self)
         d["reasons"] = list(self.reasons)
         return d
+
+
+PLAIN = SpeedChoice("cpu", "fp32", False, None, False, ("the plain loop",))  # before a probe has decided
 
 
 def decide_precision(option: str, cpu: CpuFacts, measured: dict[str, Any]) -> tuple[str, str]:

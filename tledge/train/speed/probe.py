@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tledge.train.speed import cache
-from tledge.train.speed.apply import set_threads
+from tledge.train.speed.apply import openmp_wait_policy, set_threads
 from tledge.train.speed.choice import SpeedChoice, decide_compile, decide_precision, decide_threads
 from tledge.train.speed.cpu import CpuFacts, read_cpu
 from tledge.train.speed.fold import find_pairs, folded
@@ -49,6 +49,10 @@ def choose(net: nn.Module, cfg: Any, device: torch.device, size: int, planned_im
                            (f"{'mixed precision' if cfg.amp else 'fp32'} on the GPU (--no-amp: fp32)",
                             decide_compile(cfg.compile, None, planned_images, distributed)[1]))
     cpu = read_cpu()
+    threads, why_threads = decide_threads(cfg.threads, cpu, None)
+    if planned_images == 0:  # head-only, or a resumed run past its last epoch: nothing to decide or measure
+        return SpeedChoice("cpu", "fp32", False, threads, False, ("no fine-tuning phase", why_threads),
+                           thread_wait=openmp_wait_policy())
     key = cache_key(cpu, cfg.arch, size, cfg.batch_size)
     entry = cache.read_entry(key) or {}
     source = "cached" if entry else "rules"
@@ -69,7 +73,8 @@ def choose(net: nn.Module, cfg: Any, device: torch.device, size: int, planned_im
                         f"speed-ups off: folded BatchNorm differs from the plain model by {error}")
     return SpeedChoice("cpu", precision, compiled, threads, speedups,
                        (why_precision, why_compile, why_threads, why_speedups),
-                       {k: v for k, v in entry.items() if k not in ("cpu", "torch")}, source, key)
+                       {k: v for k, v in entry.items() if k not in ("cpu", "torch")}, source, key,
+                       openmp_wait_policy())
 
 
 def cache_key(cpu: CpuFacts, arch: str, size: int, batch: int) -> str:
