@@ -95,7 +95,9 @@ def _build(args: argparse.Namespace, options: dict) -> dict:
     torch.manual_seed(0)
     net = create_model(args.arch, len(splits.classes), "imagenet").to(memory_format=torch.channels_last)
     planned = 9 * 1772  # the default recipe's fine-tuning on ELPV: 9 epochs of 1,772 images (the compile decision)
-    choice = choose(net, cfg, torch.device("cpu"), prep.height, planned, distributed=False)
+    normalize = Normalize(prep)
+    example = normalize(torch.from_numpy(np.ascontiguousarray(train.views[1][:2])))
+    choice = choose(net, cfg, torch.device("cpu"), prep.height, planned, distributed=False, example=example)
     if options["speedups"] is False and choice.threads is not None:  # today's loop left PyTorch's threads alone
         choice = type(choice)(**{**choice.__dict__, "threads": None})
     if choice.threads is not None:
@@ -105,9 +107,7 @@ def _build(args: argparse.Namespace, options: dict) -> dict:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
     opt = make_optimizer(cfg, param_groups(net, cfg), fused=choice.speedups)
-    normalize = Normalize(prep)
-    step = TrainStep(net, net, choice, label_smoothing=cfg.label_smoothing,
-                     example=normalize(torch.from_numpy(np.ascontiguousarray(train.views[1][:2]))))
+    step = TrainStep(net, net, choice, label_smoothing=cfg.label_smoothing, example=example)
     return {"choice": choice, "step": step, "opt": opt, "train": train, "normalize": normalize, "cfg": cfg,
             "augment": BatchAugment((prep.height, prep.width), scale=(cfg.crop_scale, 1.0)),
             "gen": torch.Generator().manual_seed(1), "order": torch.Generator().manual_seed(2), "next": 0}

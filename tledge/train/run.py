@@ -130,7 +130,8 @@ def _choose_speed(run: Run) -> SpeedChoice:
 
     cfg = run.cfg
     planned = max(0, cfg.epochs - max(run.state.epoch, cfg.head_epochs)) * len(run.train)  # images still to train
-    choice = choose(run.model, cfg, run.dist.device, run.prep.height, planned, run.dist.enabled)
+    example = run.normalize(torch.from_numpy(np.ascontiguousarray(run.train.views[1][:2])))  # two of its images
+    choice = choose(unwrap(run.model), cfg, run.dist.device, run.prep.height, planned, run.dist.enabled, example)
     set_threads(choice.threads)
     if run.dist.main:
         log.info("%s", choice.line())
