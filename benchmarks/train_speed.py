@@ -12,8 +12,10 @@ turns. A shared machine's load hits every configuration alike; read the ratios, 
 - ``--ablate``: each piece on top of ``today``, and ``fast`` with bf16 autocast (emulated on a CPU without bf16:
   the rule "bf16 only in hardware" is measured, not assumed), and ``fast`` compiled (compile seconds reported).
 - ``--profile``: one training step of ``today`` and of ``fast`` by operator type (torch.profiler).
-- ``--paired``: two whole ``tledge finetune`` runs on DATA, today's path and the default, same split and seed,
-  then both best.pt on the test split: accuracy of each and McNemar's exact p on the images they disagree on.
+- ``--paired``: two whole ``tledge finetune`` runs on DATA, today's arithmetic (``--no-speedups --precision fp32
+  --compile off``) and the default, same split and seed, then both best.pt on the test split: accuracy of each and
+  McNemar's exact p on the images they disagree on. Both run with sleeping OpenMP threads: how idle threads wait
+  changes no arithmetic, and spinning ones would triple the machine time of today's run on a shared machine.
 
     python benchmarks/train_speed.py --data data/elpv [--ablate] [--profile] [--paired] [--json out.json]
 """
@@ -225,7 +227,7 @@ def paired(args: argparse.Namespace, work: Path) -> dict:
     """Two whole `tledge finetune` runs (today's path, the default), same split and seed; McNemar on the test split."""
     runs = {}
     for name, extra, env_changes in (("today", ["--no-speedups", "--precision", "fp32", "--compile", "off"],
-                                      {"OMP_WAIT_POLICY": None}), ("fast", [], {})):
+                                      {"OMP_WAIT_POLICY": "PASSIVE"}), ("fast", [], {})):
         env = dict(os.environ, TLEDGE_PROGRESS="0")
         for k, v in env_changes.items():
             env.pop(k, None) if v is None else env.__setitem__(k, v)
@@ -282,6 +284,7 @@ def main() -> None:
     ap.add_argument("--ablate", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--paired", action="store_true")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the interleaved throughput comparison")
     ap.add_argument("--paired-extra", default="", help="options for both paired runs, e.g. '--epochs 8'")
     ap.add_argument("--work", type=Path, default=None, help="folder for the paired runs [default: a temporary one]")
     ap.add_argument("--json", type=Path, default=None)
@@ -293,9 +296,10 @@ def main() -> None:
         sys.exit(f"{args.data}/train not found: run `tledge data elpv {args.data}` first")
     result = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     print(f"machine: {result['machine']}", flush=True)
-    print(f"today vs fast, {args.arch} {args.img_size}px batch {args.batch_size}, {args.rounds} rounds of "
-          f"{args.steps} steps each:", flush=True)
-    result["main"] = compare(["today", "fast"], args)
+    if not args.no_throughput:
+        print(f"today vs fast, {args.arch} {args.img_size}px batch {args.batch_size}, {args.rounds} rounds of "
+              f"{args.steps} steps each:", flush=True)
+        result["main"] = compare(["today", "fast"], args)
     if args.ablate:
         print("ablations (each against today):", flush=True)
         result["ablations"] = compare(["today", "today+sleeping-threads", "today+speedups", "today+bf16"], args)

@@ -68,7 +68,7 @@ def folded(pairs: list[tuple[nn.Conv2d, nn.modules.batchnorm._BatchNorm]]) -> It
     cannot be folded).
     """
     for conv, bn in pairs:
-        setattr(conv, _PAIRED, bn)
+        conv.__dict__[_PAIRED] = bn  # a plain attribute: Module.__setattr__ would make it a submodule of conv
         conv.forward = types.MethodType(_folded_conv_forward, conv)  # type: ignore[method-assign]
         bn.forward = types.MethodType(_after_norm_forward, bn)  # type: ignore[method-assign]
     try:
@@ -81,7 +81,7 @@ def folded(pairs: list[tuple[nn.Conv2d, nn.modules.batchnorm._BatchNorm]]) -> It
 
 
 def _folded_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    bn = getattr(self, _PAIRED)
+    bn = self.__dict__[_PAIRED]
     if bn.training:
         raise RuntimeError("a BatchNorm in training mode cannot be folded into its convolution")
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # per output channel
