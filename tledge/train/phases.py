@@ -24,7 +24,7 @@ from tledge.train import distributed as dist_utils
 from tledge.train.ema import WeightEMA
 from tledge.train.loops import adapt_batchnorm, evaluate_logits, infer, train_epoch, train_head_epoch, warmup_cosine
 from tledge.train.run import Run, end_epoch, unwrap
-from tledge.train.speed.apply import keep_allocations, release_allocations
+from tledge.train.speed.apply import keep_allocations, release_allocations, set_threads
 from tledge.train.speed.step import TrainStep
 from tledge.train.transforms import BatchAugment
 
@@ -138,6 +138,8 @@ def finetune_phase(run: Run) -> None:
                      example=run.normalize(torch.from_numpy(np.ascontiguousarray(run.train.views[1][:2]))),
                      measure_compile=speed.compile and cfg.compile == "on")
     kept = speed.speedups and dist.device.type == "cpu" and keep_allocations()
+    threads = torch.get_num_threads()
+    set_threads(speed.threads)
     try:
         while run.state.epoch < cfg.epochs and not run.state.stopped_early(cfg):
             with step.active():
@@ -148,6 +150,7 @@ def finetune_phase(run: Run) -> None:
                                                 torch.from_numpy(run.val.labels))
             end_epoch(run, opt, "finetune", stats, val_loss, val_acc, lr=opt.param_groups[-1]["lr"])
     finally:
+        set_threads(threads)
         if kept:
             release_allocations()
 

@@ -125,14 +125,12 @@ def open_run(cfg: FinetuneConfig, dist: dist_utils.Dist, resumed: Optional[dict[
 
 def _choose_speed(run: Run) -> SpeedChoice:
     """The probe (seconds, or a cache read): how this machine trains this run's fine-tuning phase; said once."""
-    from tledge.train.speed.apply import set_threads
     from tledge.train.speed.probe import choose
 
     cfg = run.cfg
     planned = max(0, cfg.epochs - max(run.state.epoch, cfg.head_epochs)) * len(run.train)  # images still to train
     example = run.normalize(torch.from_numpy(np.ascontiguousarray(run.train.views[1][:2])))  # two of its images
     choice = choose(unwrap(run.model), cfg, run.dist.device, run.prep.height, planned, run.dist.enabled, example)
-    set_threads(choice.threads)
     if run.dist.main:
         log.info("%s", choice.line())
     return choice
