@@ -1,12 +1,15 @@
 """The probe at run start: a few seconds that decide how this machine fine-tunes this model, cached per machine.
 
-What it measures, on a copy of the run's model with synthetic images (the run's model, data and RNGs are left
-untouched), and only what a decision needs:
+What it measures, on a copy of the run's model (the run's model, data and RNGs are left untouched), and only
+what a decision needs and the cache does not hold:
 
 - that folding frozen BatchNorm into its convolution computes the same logits and gradients as the plain model
-  (a forward and backward of two images each way): the speed-ups never change results silently;
-- on a CPU with bf16 in hardware and ``--precision auto``: fp32 and bf16 training steps, interleaved;
+  (a forward and backward of two of the run's images each way): the speed-ups never change results silently;
+- on a CPU with bf16 in hardware and ``--precision auto``: fp32 and bf16 training steps on synthetic images,
+  interleaved;
 - on a CPU with hyper-threads and no ``--threads``: a step with one thread per core and one per CPU.
+
+On a CPU without bf16 or hyper-threads (machine C) that is the folding check alone: about a second, once.
 
 The numbers go to ``$TLEDGE_CACHE/train/choices.json`` (:mod:`tledge.train.speed.cache`) under a key of the CPU
 (model, flags, cores), torch's version, the architecture, input size and batch: later runs read them. A compile
@@ -107,15 +110,20 @@ def cache_key(cpu: CpuFacts, arch: str, size: int, batch: int) -> str:
 
 def _measure_missing(net: nn.Module, cfg: Any, cpu: CpuFacts, size: int, entry: dict[str, Any],
                      example: Optional[torch.Tensor]) -> dict[str, Any]:
-    """What this run needs and the cache does not hold yet."""
+    """What this run needs and the cache does not hold yet (nothing at all, usually: then nothing is copied)."""
+    fold = cfg.speedups and entry.get("fold_error") is None
+    bf16 = cfg.precision == "auto" and cpu.native_bf16 and "bf16_images_per_s" not in entry
+    threads = cfg.threads is None and cpu.cpus != cpu.cores and "threads_images_per_s" not in entry
     fresh: dict[str, Any] = {}
+    if not (fold or bf16 or threads):
+        return fresh
     with _scratch(net) as copy_of_net:
-        if cfg.speedups and entry.get("fold_error") is None:
+        if fold:
             fresh["fold_error"] = fold_error(copy_of_net, example if example is not None else _batch(size, 2)[0])
-        if cfg.precision == "auto" and cpu.native_bf16 and "bf16_images_per_s" not in entry:
+        if bf16:
             fresh.update(zip(("fp32_images_per_s", "bf16_images_per_s"),
                              interleaved(copy_of_net, size, [dict(precision="fp32"), dict(precision="bf16")])))
-        if cfg.threads is None and cpu.cpus != cpu.cores and "threads_images_per_s" not in entry:
+        if threads:
             counts = [cpu.cores, cpu.cpus]
             speeds = interleaved(copy_of_net, size, [dict(threads=n) for n in counts])
             fresh["threads_images_per_s"] = {str(n): s for n, s in zip(counts, speeds)}
