@@ -48,7 +48,10 @@ class SpeedChoice:
             how.append(f"{self.threads} thread{'s' if self.threads != 1 else ''}"
                        + (" (idle ones sleep)" if self.thread_wait == "passive" else ""))
         how.append("speed-ups on" if self.speedups else "speed-ups off")
-        return (f"fine-tuning on {self.device}: {', '.join(how)} ({self.source}; " + "; ".join(self.reasons) + ")")
+        source = self.source
+        if source == "measured" and "probe_seconds" in self.measured:
+            source = f"measured in {self.measured['probe_seconds']}s"
+        return f"fine-tuning on {self.device}: {', '.join(how)} ({source}; " + "; ".join(self.reasons) + ")"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

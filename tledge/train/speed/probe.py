@@ -61,10 +61,11 @@ def choose(net: nn.Module, cfg: Any, device: torch.device, size: int, planned_im
     key = cache_key(cpu, cfg.arch, size, cfg.batch_size)
     entry = _well_formed(cache.read_entry(key) or {})
     source = "cached" if entry else "rules"
+    t0 = time.perf_counter()
     fresh = _measure_missing(net, cfg, cpu, size, entry, example)
     if fresh:
         entry = {**entry, **fresh, "measured": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-                 "cpu": cpu.describe(), "torch": torch.__version__}
+                 "probe_seconds": round(time.perf_counter() - t0, 1), "cpu": cpu.describe(), "torch": torch.__version__}
         cache.write_entry(key, entry)
         source = "measured"
     threads, why_threads = decide_threads(cfg.threads, cpu, entry.get("threads_images_per_s"))
@@ -89,6 +90,8 @@ def _well_formed(entry: dict[str, Any]) -> dict[str, Any]:
         return isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) and d[k] >= 0 for k in keys)
 
     kept = {k: v for k, v in entry.items() if k in ("measured", "cpu", "torch") and isinstance(v, str)}
+    if isinstance(entry.get("probe_seconds"), (int, float)):
+        kept["probe_seconds"] = entry["probe_seconds"]
     if numbers(entry.get("fold_error"), ("logits", "gradients")):
         kept["fold_error"] = entry["fold_error"]
     if numbers(entry, ("fp32_images_per_s", "bf16_images_per_s")):
