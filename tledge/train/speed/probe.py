@@ -193,12 +193,16 @@ def interleaved(net: nn.Module, size: int, configs: list[dict[str, Any]]) -> lis
     """Training images/s of each configuration (``precision``, ``threads``), timed in turns, best round each."""
     x, y = _batch(size, PROBE_BATCH)
     opt = torch.optim.SGD(net.parameters(), lr=1e-6)  # any step will do: only its time is kept
-    for config in configs:  # one untimed step each: oneDNN picks and caches its kernels on the first
-        _time_steps(net, opt, x, y, 1, **config)
-    best = [0.0] * len(configs)
-    for _ in range(PROBE_ROUNDS):  # noise only ever slows a round down: the best round of each is its speed
-        for i, config in enumerate(configs):
-            best[i] = max(best[i], _time_steps(net, opt, x, y, PROBE_STEPS, **config))
+    threads = torch.get_num_threads()
+    try:
+        for config in configs:  # one untimed step each: oneDNN picks and caches its kernels on the first
+            _time_steps(net, opt, x, y, 1, **config)
+        best = [0.0] * len(configs)
+        for _ in range(PROBE_ROUNDS):  # noise only ever slows a round down: the best round of each is its speed
+            for i, config in enumerate(configs):
+                best[i] = max(best[i], _time_steps(net, opt, x, y, PROBE_STEPS, **config))
+    finally:
+        torch.set_num_threads(threads)  # the process's threads as they were: a measurement changes nothing
     return [round(b, 2) for b in best]
 
 
