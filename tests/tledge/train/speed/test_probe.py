@@ -88,8 +88,8 @@ def test_the_probe_times_real_steps(net, monkeypatch):
     monkeypatch.setattr(probe, "PROBE_ROUNDS", 1)
     monkeypatch.setattr(probe, "PROBE_STEPS", 1)
     threads = torch.get_num_threads()
-    speeds = probe.interleaved(net, SIZE, [{"precision": "fp32"}, {"precision": "bf16"}, {"threads": 1}])
-    assert len(speeds) == 3 and all(s > 0 for s in speeds)  # numbers, never judged here: no timed tests
+    speeds = probe.interleaved(net, SIZE, [{"precision": "fp32"}, {"threads": 1}])
+    assert len(speeds) == 2 and all(s > 0 for s in speeds)  # numbers, never judged here: no timed tests
     assert torch.get_num_threads() == threads  # measuring with one thread leaves the process as it was
 
 
