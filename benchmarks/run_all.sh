@@ -64,6 +64,9 @@ step qat_elpv python benchmarks/qat_elpv.py "$OUT/elpv-default/run-0/best.pt" --
   --out "$OUT/qat_elpv.json"
 # Speed, side by side.
 step finetune_speed python benchmarks/finetune_speed.py --data $DATA --json "$OUT/finetune_speed.json"
+# Faster CPU fine-tuning (issue 23): today's loop vs the probe's fast path, interleaved; ablations, profile, paired runs.
+step train_speed python benchmarks/train_speed.py --data $DATA --ablate --profile --paired --work "$OUT/train_speed" \
+  --json "$OUT/train_speed.json"
 step r18_train tledge finetune $DATA --arch resnet18 --weights none --img-size 224 --epochs 3 --freeze-epochs 0 \
   --out "$OUT/runs/r18"
 step runtime_speed python benchmarks/runtime_speed.py --data $DATA --run "$OUT/runs/r18" --json "$OUT/runtime_speed.json"

@@ -11,6 +11,7 @@ import click
 from tledge.arch_names import ARCH_NAMES
 from tledge.cli.common import HELP, config_option, echo, emit_json, setup_logging
 from tledge.train.config import default
+from tledge.train.speed.choice import COMPILE_MODES, PRECISIONS
 
 
 def _weights(value: str) -> str:
@@ -72,6 +73,18 @@ option = config_option(default)
 @option("--device", field="device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--no-amp", "amp", is_flag=True, flag_value=False, default=default("amp"),
               help="Disable mixed precision on CUDA.")
+@option("--precision", field="precision", type=click.Choice(PRECISIONS),
+        help="CPU fine-tuning in fp32, or bf16 autocast with fp32 weights; auto: bf16 only on CPUs with bf16 in "
+             "hardware (avx512_bf16/amx_bf16) where it measured faster. Validation and export stay fp32.")
+@option("--compile", field="compile", type=click.Choice(COMPILE_MODES),
+        help="torch.compile the training step; auto: only where a compile measured on this machine pays for "
+             "itself over the planned steps (--compile on measures it once).")
+@option("--threads", field="threads", type=click.IntRange(1, 1024),
+        help="Threads for training on a CPU [default: one per physical core].")
+@option("--speedups/--no-speedups", field="speedups",
+        help="Exact-math speed-ups of each step (frozen BatchNorm folded into its convolution, fused optimizer, "
+             "reused activation memory), checked against the plain loop at run start; --no-speedups: the plain "
+             "loop.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder [default: runs/exp, runs/exp2, ...].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
@@ -87,6 +100,10 @@ def finetune(data: Path, out: Optional[Path], resume: bool, as_json: bool, **opt
     curves.png and confusion.png to the run folder. Runs on several GPUs/processes
     unchanged under `torchrun --nproc_per_node N -m tledge finetune ...`.
     """
+    if opts["speedups"]:  # before torch loads: libgomp reads it once
+        from tledge.train.speed.apply import prefer_sleeping_threads
+
+        prefer_sleeping_threads()
     from tledge.train.finetune import FinetuneConfig
     from tledge.train.finetune import finetune as run_finetune
     from tledge.train.finetune import resume as run_resume

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from tledge.arch_names import ARCH_NAMES, DEFAULT_ARCH
 from tledge.errors import ConfigError
+from tledge.train.speed.choice import COMPILE_MODES, PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,16 @@ class FinetuneConfig:
     ood_keep: float = 0.95
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    # How the fine-tuning phase computes on a CPU; a probe at run start decides each "auto" for this machine
+    # (cached in $TLEDGE_CACHE/train/choices.json), prints it in one line and saves it in metrics.json.
+    # Validation, best.pt, export and verification are fp32 whatever is chosen here.
+    precision: str = "auto"  # auto | fp32 | bf16 (CPU autocast, fp32 master weights); auto: bf16 only in hardware
+    compile: str = "auto"  # auto | on | off: torch.compile the training step; auto: where measured here to pay
+    threads: Optional[int] = None  # torch threads while training on a CPU; None: one per physical core
+    # Exact-math speed-ups of each step: frozen BatchNorm folded into its convolution, the fused optimizer
+    # step, freed activation memory reused instead of unmapped. Off: the plain loop, the reference they are
+    # measured and checked against.
+    speedups: bool = True
     out: Optional[str] = None  # run folder; default runs/exp, runs/exp2, ...
     seed: int = 0
     workers: int = 4  # image decoding threads
@@ -70,6 +81,10 @@ class FinetuneConfig:
             raise ConfigError(f"unknown architecture {self.arch!r}", hint=f"choose one of: {', '.join(ARCH_NAMES)}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}", hint="use adamw or sgd")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"unknown compile mode {self.compile!r}", hint=f"use one of: {', '.join(COMPILE_MODES)}")
         checks = [(self.epochs >= 1, "--epochs must be at least 1"),
                   (self.freeze_epochs >= 0, "--freeze-epochs must be >= 0"),
                   (self.img_size is None or 16 <= self.img_size <= 1024, "--img-size must be in 16..1024"),
@@ -80,7 +95,8 @@ class FinetuneConfig:
                   (self.ema is None or 0 < self.ema < 1, "--ema must be in (0, 1)"),
                   (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
                   (0 < self.coverage < 1, "--coverage must be in (0, 1), e.g. 0.95"),
-                  (0 < self.ood_keep < 1, "--ood-keep must be in (0, 1), e.g. 0.95")]
+                  (0 < self.ood_keep < 1, "--ood-keep must be in (0, 1), e.g. 0.95"),
+                  (self.threads is None or 1 <= self.threads <= 1024, "--threads must be in 1..1024")]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message, hint="see `tledge finetune --help`")

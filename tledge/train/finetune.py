@@ -105,7 +105,7 @@ def _finish(run: Run) -> RunResult:
         "skipped_images": runfolder.count_skipped(out),
         "train_seconds": round(sum(h["seconds"] for h in run.state.history), 1), "hflip": run.state.hflip,
         **{f"{k}_accuracy": v["accuracy"] for k, v in results.items()}, "reports": results, "config": cfg.to_dict(),
-        "answers": {**answers.to_dict(), **fitted},
+        "answers": {**answers.to_dict(), **fitted}, "speed": run.speed.to_dict(),
     }
     if run.dist.main:
         _write_results(run, metrics, results)

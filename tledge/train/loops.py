@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tledge.progress import progress
-from tledge.train.config import FinetuneConfig
 from tledge.train.distributed import all_sum
 from tledge.train.run import EpochStats, Run
 from tledge.train.transforms import BatchAugment, Normalize
@@ -116,9 +115,12 @@ def train_head_epoch(head: nn.Module, dropout: nn.Module, feats: torch.Tensor, l
 
 
 def train_epoch(run: Run, model: nn.Module, opt: torch.optim.Optimizer, set_lr: Callable[[int], None],
-                augment: BatchAugment, scaler: Optional[torch.amp.GradScaler]) -> EpochStats:
+                augment: BatchAugment, train_step: Callable[[torch.optim.Optimizer, torch.Tensor, torch.Tensor],
+                                                            tuple[float, torch.Tensor]]) -> EpochStats:
     """One epoch of fine-tuning with augmentation over ``run``'s training images; returns global
-    (all-process) loss and accuracy. ``model`` is the run's network, or its DistributedDataParallel wrapper."""
+    (all-process) loss and accuracy. ``model`` is the run's network, or its DistributedDataParallel wrapper;
+    ``train_step(opt, x, y) -> (loss, logits)`` trains one batch the way the run's speed choice says
+    (:class:`tledge.train.speed.step.TrainStep`)."""
     cfg, d = run.cfg, run.dist
     images, labels = run.train.images, run.train.labels
     model.train()
@@ -142,7 +144,7 @@ def train_epoch(run: Run, model: nn.Module, opt: torch.optim.Optimizer, set_lr: 
         batch = augment(torch.from_numpy(images[rows.numpy()]), run.aug_gen)
         x = run.normalize(batch.to(d.device, non_blocking=True))
         y = labels_t[rows].to(d.device, non_blocking=True)
-        loss, logits = _step(model, opt, scaler, x, y, cfg)
+        loss, logits = train_step(opt, x, y)
         if run.ema is not None:
             run.ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
         n = len(rows)
@@ -156,23 +158,6 @@ def train_epoch(run: Run, model: nn.Module, opt: torch.optim.Optimizer, set_lr: 
     sums = all_sum(d, sums)
     n = int(sums[2].item())
     return EpochStats(sums[0].item() / max(n, 1), sums[1].item() / max(n, 1), n, seconds)
-
-
-def _step(model: nn.Module, opt: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], x: torch.Tensor,
-          y: torch.Tensor, cfg: FinetuneConfig) -> tuple[float, torch.Tensor]:
-    """One optimizer step (mixed precision on CUDA); returns the loss and the logits."""
-    with autocast(x.device, cfg.amp):
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-    return loss.item(), logits
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

@@ -29,6 +29,7 @@ from tledge.train import runfolder
 from tledge.train.checkpoint import preprocess_of, save_checkpoint
 from tledge.train.config import FinetuneConfig
 from tledge.train.ema import WeightEMA
+from tledge.train.speed.choice import PLAIN, SpeedChoice
 from tledge.train.transforms import Normalize
 from tledge_runtime.fileio import atomic_write
 from tledge_runtime.model.meta import Preprocess
@@ -87,6 +88,7 @@ class Run:
     aug_gen: torch.Generator  # augmentation draws (one stream per process)
     resumed: Optional[dict[str, Any]] = None  # the last.pt this run continues, if any
     ema: Optional[WeightEMA] = None  # averaged weights while fine-tuning (--ema): what best.pt holds
+    speed: SpeedChoice = PLAIN  # how the fine-tuning phase computes here (the probe's choice; in metrics.json)
 
     def optimizer_state(self, phase: str) -> Optional[dict[str, Any]]:
         """The saved optimizer state when the run was interrupted in ``phase`` ("head" or "finetune")."""
@@ -117,7 +119,21 @@ def open_run(cfg: FinetuneConfig, dist: dist_utils.Dist, resumed: Optional[dict[
               aug_gen=torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank + 1), resumed=resumed)
     if resumed is not None:
         _restore(run, resumed)
+    run.speed = _choose_speed(run)
     return run
+
+
+def _choose_speed(run: Run) -> SpeedChoice:
+    """The probe (seconds, or a cache read): how this machine trains this run's fine-tuning phase; said once."""
+    from tledge.train.speed.probe import choose
+
+    cfg = run.cfg
+    planned = max(0, cfg.epochs - max(run.state.epoch, cfg.head_epochs)) * len(run.train)  # images still to train
+    example = run.normalize(torch.from_numpy(np.ascontiguousarray(run.train.views[1][:2])))  # two of its images
+    choice = choose(unwrap(run.model), cfg, run.dist.device, run.prep.height, planned, run.dist.enabled, example)
+    if run.dist.main:
+        log.info("%s", choice.line())
+    return choice
 
 
 def _start_folder(cfg: FinetuneConfig, dist: dist_utils.Dist, out: Path, splits: Splits) -> None:

@@ -60,6 +60,9 @@ def test_help_imports_no_heavy_library_and_lists_every_command():
     (["finetune", ".", "--batch-size", "many"], ["--batch-size", "not a valid integer"]),
     (["finetune", ".", "--weights", "/no/such.pth"], ["--weights", "neither 'imagenet', 'none' nor an existing file"]),
     (["finetune", ".", "--resume"], ["--resume needs --out"]),
+    (["finetune", ".", "--precision", "fp16"], ["--precision", "'fp16' is not one of"]),
+    (["finetune", ".", "--compile", "maybe"], ["--compile", "'maybe' is not one of"]),
+    (["finetune", ".", "--threads", "0"], ["--threads", "0 is not in the range"]),
     (["evaluate", "/no/such.pt", "."], ["does not exist"]),
 ])
 def test_bad_options_exit_2_with_one_line(args, fragments):
