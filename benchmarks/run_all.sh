@@ -32,6 +32,17 @@ step demo_benchmark bash -c "cd '$OUT/clone' && tledge benchmark runs/demo --dat
 step gate_simulation bash -c "cd '$OUT/clone' && python benchmarks/gate_simulation.py runs/demo \
   --json '$OUT/gate_simulation.json' --plot '$OUT/gate_simulation.png'"
 step gate_history python benchmarks/gate_history.py --json "$OUT/gate_history.json"
+# int8 weights (RESULTS §11): 7-bit u8xs8 against 8-bit u8xs8, u8xu8 and s8xs8 on the demo's model.
+step int8_weights bash -c "cd '$OUT/clone' && python benchmarks/int8_weights.py runs/demo"
+# "unknown" (issue 20, RESULTS §13): calibration, conformal sets, four OOD detectors at fp32 and int8, cost.
+step ood_protocol bash -c "cd '$OUT/clone' && python benchmarks/ood_protocol.py runs/demo --data data/elpv \
+  --export runs/demo/export --json '$OUT/ood_protocol.json'"
+# What a fine-tuning epoch of the demo costs by input size and by how much of the network trains (RESULTS §12).
+for cfg in "160 all" "160 3" "128 all" "192 3"; do
+  set -- $cfg
+  step "partial_$1_$2" tledge finetune "$DATA" --img-size "$1" $([ "$2" = all ] || echo --unfreeze "$2") \
+    --epochs 3 --freeze-epochs 2 --crop-scale 0.8 --vflip --patience 0 --out "$OUT/partial-$1-$2"
+done
 # One preprocessing path (issue 11): camera-frame speed, end-to-end parity of `tledge evaluate --predictions`.
 step preprocess_speed python benchmarks/preprocess_speed.py --json "$OUT/preprocess_speed.json"
 step predictions_parity python benchmarks/predictions_parity.py "$DEMO/best.pt" "$OUT/clone/data/elpv/test"
@@ -43,6 +54,9 @@ step model_swap python benchmarks/model_swap.py --work "$OUT/model_swap"
 step elpv_default python benchmarks/recipe_elpv.py --seeds 0 1 2 --export --out "$OUT/elpv-default" \
   --json "$OUT/elpv_default.json"
 step digits python benchmarks/recipe_digits.py --seed 0 --out "$OUT/digits" --json "$OUT/digits.json"
+# "unknown" on the second pair: the digits model, with ELPV's test images and the photos outside.
+step ood_digits python benchmarks/ood_protocol.py "$OUT/digits/run-0" --data "$OUT/digits/data-0" --no-digits \
+  --outside-folder "$DATA/test" --json "$OUT/ood_digits.json"
 # Lite1 and Lite2 rows (RESULTS §2b): the default recipe at each architecture's own size on split seed 0, int8
 # export, then accuracy against latency for Lite0 (seed 0 above), Lite1 and Lite2; Lite2 again with a longer QAT.
 for arch in lite1 lite2; do

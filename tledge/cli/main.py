@@ -127,7 +127,7 @@ def demo(data: Path, out: Optional[Path], arch: Optional[str], img_size: Optiona
          freeze_epochs: Optional[int], iters: int) -> None:
     """The whole toolchain on the ELPV solar-cell dataset, offline: fine-tune EfficientNet-Lite0,
     export fp32/fp16/int8 (each verified against PyTorch), benchmark every format on the
-    test split, and recommend the one to ship. About 15 minutes on a 2-core laptop CPU."""
+    test split, and recommend the one to ship. About 6 minutes on a quiet 2-core CPU."""
     from tledge.demo import DemoConfig, summary, with_overrides
     from tledge.demo import demo as run_demo
 
