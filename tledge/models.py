@@ -233,6 +233,17 @@ def _load_weights_file(path: Path, a: Arch, model: nn.Module) -> dict[str, torch
     return {k: (state[k] if k in state and state[k].shape == v.shape else v) for k, v in target.items()}
 
 
+def train_mode(net: nn.Module, train_bn: bool = False) -> nn.Module:
+    """``net`` in training mode as fine-tuning runs it: BatchNorm stays in inference mode (its ImageNet or
+    re-estimated statistics) unless ``train_bn``. Returns ``net``."""
+    net.train()
+    if not train_bn:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return net
+
+
 def trainable_stages(model: Net, arch: str, unfreeze: Optional[int]) -> list[nn.Module]:
     """Backbone modules to train when unfreezing the last ``unfreeze`` stages (None: all)."""
     stages = get_arch(arch).stages

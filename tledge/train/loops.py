@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tledge.models import train_mode
 from tledge.progress import progress
 from tledge.train.distributed import all_sum
 from tledge.train.run import EpochStats, Run
@@ -123,11 +124,7 @@ def train_epoch(run: Run, model: nn.Module, opt: torch.optim.Optimizer, set_lr: 
     (:class:`tledge.train.speed.step.TrainStep`)."""
     cfg, d = run.cfg, run.dist
     images, labels = run.train.images, run.train.labels
-    model.train()
-    if not cfg.train_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    train_mode(model, cfg.train_bn)
     # The same permutation on every process; each takes its own slice, all of equal length.
     perm = torch.randperm(len(labels), generator=run.shuffle_gen)
     per_rank = len(perm) // d.world

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tledge.models import Net, trainable_stages
+from tledge.models import Net, train_mode, trainable_stages
 from tledge.train import distributed as dist_utils
 from tledge.train.ema import WeightEMA
 from tledge.train.loops import adapt_batchnorm, evaluate_logits, infer, train_epoch, train_head_epoch, warmup_cosine
@@ -133,7 +133,7 @@ def finetune_phase(run: Run) -> None:
         run.ema = WeightEMA(net, cfg.ema)
         if run.resumed is not None and "ema" in run.resumed and run.resumed["state"].get("phase") == "finetune":
             run.ema.load_state_dict(run.resumed["ema"])
-    _set_bn_mode(net, cfg.train_bn)
+    train_mode(net, cfg.train_bn)  # what the epoch loop sets too: the step runner reads it to know if BN can fold
     step = TrainStep(ddp, net, speed, label_smoothing=cfg.label_smoothing, scaler=_grad_scaler(cfg, dist.device),
                      example=run.normalize(torch.from_numpy(np.ascontiguousarray(run.train.views[1][:2]))),
                      measure_compile=speed.compile and cfg.compile == "on")
@@ -160,16 +160,6 @@ def _grad_scaler(cfg: Any, device: torch.device) -> Optional[torch.amp.GradScale
     if cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.amp.GradScaler("cuda")
     return None
-
-
-def _set_bn_mode(net: nn.Module, train_bn: bool) -> None:
-    """Training mode for the network, BatchNorm in inference mode unless ``--train-bn`` (what the epoch loop sets
-    too: the step runner looks at it to know whether BatchNorm can be folded)."""
-    net.train()
-    if not train_bn:
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
 
 
 def _schedule(opt: torch.optim.Optimizer, total_steps: int, warmup: int) -> Callable[[int], None]:

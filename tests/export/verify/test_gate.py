@@ -12,24 +12,16 @@ from tledge_export.verify.gate import paired_interval
 from tledge_runtime.model.answers import Answers, OperatingPoint
 from tledge_runtime.model.verification import Budget
 
+from .gate_testkit import binary_task
+
 N = 852  # the demo's verification set
 FP16 = Budget.accuracy(0.1, 99.0)
 INT8 = Budget.accuracy(1.0, 99.0)
 
 
 def _set(n: int = N, seed: int = 0, noise: float = 0.02):
-    """PyTorch's logits of a binary task (margins spread like a real model's; calibrated: an image is right with
-    probability sigmoid(margin), so borderline images are right about half the time, as in a real model) and a
-    format's logits: the same plus small numerical noise."""
-    rng = np.random.default_rng(seed)
-    margin = rng.gamma(2.0, 2.0, n)  # most images clearly decided, a few near the boundary
-    side = rng.integers(0, 2, n)
-    ref = np.zeros((n, 2))
-    ref[np.arange(n), side] = margin
-    labels = side.copy()
-    wrong = rng.random(n) > 1 / (1 + np.exp(-margin))
-    labels[wrong] = 1 - labels[wrong]
-    return ref, ref + rng.normal(0, noise, ref.shape), labels
+    """PyTorch's logits of a binary task, a format's (PyTorch + small numerical noise) and the labels."""
+    return binary_task(n, seed, noise)
 
 
 def _flip(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ import pytest
 
 from tledge_runtime.model.answers import Answers, OperatingPoint
 
+from .gate_testkit import binary_task
+
 SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "gate_simulation.py"
 
 
@@ -32,17 +34,9 @@ def sim():
 
 
 def _task(sim, n: int = 600, seed: int = 0, noise: float = 0.05, answers=None):
-    """A binary task whose PyTorch margins spread like a real model's (most images clear, a few borderline), wrong
-    about as often as its margins say, and a format = PyTorch + small numerical noise."""
-    rng = np.random.default_rng(seed)
-    margin = rng.gamma(2.0, 2.0, n)
-    side = rng.integers(0, 2, n)
-    ref = np.zeros((n, 2))
-    ref[np.arange(n), side] = margin
-    labels = side.copy()
-    wrong = rng.random(n) > 1 / (1 + np.exp(-margin))
-    labels[wrong] = 1 - labels[wrong]
-    return sim.Task(ref, labels, ref + rng.normal(0, noise, ref.shape), ("0", "1"), answers)
+    """A simulated binary task (gate_testkit.binary_task) as the simulation's Task."""
+    ref, fmt, labels = binary_task(n, seed, noise)
+    return sim.Task(ref, labels, fmt, ("0", "1"), answers)
 
 
 def test_flip_changes_exactly_the_chosen_answers(sim):

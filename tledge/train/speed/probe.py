@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tledge.models import train_mode
 from tledge.train.speed import cache
 from tledge.train.speed.apply import openmp_wait_policy, set_threads
 from tledge.train.speed.choice import SpeedChoice, decide_compile, decide_precision, decide_threads
@@ -140,10 +141,7 @@ def _scratch(net: nn.Module) -> Iterator[nn.Module]:
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        scratch = copy.deepcopy(net).train()
-        for m in scratch.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        scratch = train_mode(copy.deepcopy(net))
         try:
             yield scratch
         finally:

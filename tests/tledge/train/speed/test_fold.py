@@ -9,16 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tledge.models import create_model
+from tledge.models import create_model, train_mode
 from tledge.train.speed.fold import find_pairs, folded
-
-
-def _frozen_bn(net: nn.Module) -> nn.Module:
-    net.train()
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    return net
 
 
 def _logits_and_grads(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -33,7 +25,7 @@ def _logits_and_grads(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, di
 @pytest.mark.parametrize("arch, weights, pairs", [("efficientnet_lite0", "imagenet", 49), ("resnet18", "none", 20)])
 def test_every_conv_batchnorm_pair_folds_to_the_same_logits_and_gradients(arch, weights, pairs):
     torch.manual_seed(0)
-    net = _frozen_bn(create_model(arch, 3, weights).to(memory_format=torch.channels_last))
+    net = train_mode(create_model(arch, 3, weights).to(memory_format=torch.channels_last))
     if weights == "none":  # untrained statistics are 0 and 1; give the fold something to fold
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -55,7 +47,7 @@ def test_every_conv_batchnorm_pair_folds_to_the_same_logits_and_gradients(arch, 
 
 
 def test_the_model_is_as_it_was_after_the_block_and_its_state_dict_never_changes():
-    net = _frozen_bn(create_model("efficientnet_lite0", 3, "imagenet"))
+    net = train_mode(create_model("efficientnet_lite0", 3, "imagenet"))
     keys = list(net.state_dict())
     x = torch.randn(2, 3, 32, 32)
     pairs = find_pairs(net, x)
@@ -67,7 +59,7 @@ def test_the_model_is_as_it_was_after_the_block_and_its_state_dict_never_changes
 
 
 def test_a_training_batchnorm_refuses_to_fold():
-    net = _frozen_bn(create_model("efficientnet_lite0", 3, "imagenet"))
+    net = train_mode(create_model("efficientnet_lite0", 3, "imagenet"))
     x = torch.randn(2, 3, 32, 32)
     pairs = find_pairs(net, x)
     net.train()  # BatchNorm in training mode: batch statistics, nothing fixed to fold

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tledge.models import Net, create_model
+from tledge.models import Net, create_model, train_mode
 from tledge.train.config import FinetuneConfig
 from tledge.train.phases import make_optimizer, param_groups
 from tledge.train.speed import cache
@@ -18,14 +18,6 @@ from tledge.train.speed.choice import SpeedChoice
 from tledge.train.speed.step import COMPARE_STEPS, TrainStep
 
 CFG = FinetuneConfig(data="d", img_size=32)
-
-
-def _frozen_bn(net: nn.Module) -> nn.Module:
-    net.train()
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    return net
 
 
 def _choice(**kw) -> SpeedChoice:
@@ -45,7 +37,7 @@ def _one_step(net: nn.Module, choice: SpeedChoice, x: torch.Tensor, y: torch.Ten
 @pytest.fixture(scope="module")
 def lite0():
     torch.manual_seed(0)
-    return _frozen_bn(create_model("efficientnet_lite0", 3, "imagenet").to(memory_format=torch.channels_last))
+    return train_mode(create_model("efficientnet_lite0", 3, "imagenet").to(memory_format=torch.channels_last))
 
 
 @pytest.fixture
@@ -77,7 +69,7 @@ def test_speedups_leave_batchnorm_alone_when_it_trains(lite0, batch):
     net = copy.deepcopy(lite0).train()  # --train-bn: statistics move every step, nothing to fold
     step = TrainStep(net, net, _choice(speedups=True), label_smoothing=0.1, example=batch[0][:2])
     assert step.pairs == []
-    _frozen_bn(net)
+    train_mode(net)
     assert len(TrainStep(net, net, _choice(speedups=True), label_smoothing=0.1, example=batch[0][:2]).pairs) == 49
 
 
@@ -98,7 +90,7 @@ class _Tiny(nn.Module):
 def test_the_compiled_path_trains_and_compile_on_measures_itself(batch, monkeypatch, tmp_path):
     monkeypatch.setenv("TLEDGE_CACHE", str(tmp_path))
     torch.manual_seed(0)
-    net = _frozen_bn(Net(_Tiny(), 8, 3))
+    net = train_mode(Net(_Tiny(), 8, 3))
     eager_net = copy.deepcopy(net)
     x, y = batch
     choice = _choice(compile=True, speedups=True, cache_key="test-key")
