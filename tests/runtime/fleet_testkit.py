@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -19,6 +21,7 @@ from onnx import numpy_helper
 from runtime_testkit import build_graph, make_meta
 
 from tledge_runtime.check.trace import trace
+from tledge_runtime.model.answers import Answers
 from tledge_runtime.model.meta import ONNX_KEY
 from tledge_runtime.model.reference_set import ReferenceItem, ReferenceSet
 
@@ -45,19 +48,22 @@ def bias_of(version: int) -> np.ndarray:
     return b
 
 
-def checked_model(path: Path, version: int = 1, *, scale: float = 1.0) -> Path:
+def checked_model(path: Path, version: int = 1, *, scale: float = 1.0, answers: Optional[Answers] = None) -> Path:
     """The colour model with ``bias_of(version)`` and a reference set of its own logits; ``scale`` != 1 changes
-    the weights after the logits were recorded, so the reference check fails."""
+    the weights after the logits were recorded, so the reference check fails. ``answers`` with an ``ood`` part: the
+    graph has the ``ood_score`` output too, and the reference items carry its values."""
     import onnxruntime as ort
 
-    meta = make_meta()
-    graph = build_graph()
+    meta = make_meta() if answers is None else replace(make_meta(), answers=answers)
+    graph = build_graph(ood=answers is not None and answers.ood is not None)
     _set(graph, "B", bias_of(version))
     traces = [trace(ReferenceItem((0.0,), _blank(), seed=s), meta.preprocess) for s in (3, 7)]
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"input": np.concatenate([t.tensor for t in traces])})[0]
-    refs = ReferenceSet(tuple(ReferenceItem(tuple(map(float, row)), t.fingerprint, seed=s)
-                              for row, t, s in zip(logits, traces, (3, 7))))
+    outputs = session.run(None, {"input": np.concatenate([t.tensor for t in traces])})
+    scores = outputs[1][:, 0] if len(outputs) > 1 else [None] * len(traces)
+    refs = ReferenceSet(tuple(ReferenceItem(tuple(map(float, row)), t.fingerprint, seed=s,
+                                            ood_score=None if o is None else float(o))
+                              for row, t, s, o in zip(outputs[0], traces, (3, 7), scores)))
     if scale != 1.0:
         w = numpy_helper.to_array(next(i for i in graph.graph.initializer if i.name == "W"))
         _set(graph, "W", (w * scale).astype(np.float32))

@@ -201,8 +201,13 @@ def write_answered_model(path: Path, *, threshold: float = -0.5, set_threshold: 
     whose channel means spread less than ``-threshold`` normalized units, such as a grey frame)."""
     from dataclasses import replace
 
+    answers = answers_of_colour_model(threshold=threshold, set_threshold=set_threshold)
+    return write_model(path, graph=build_graph(ood=True), meta=replace(make_meta(), answers=answers))
+
+
+def answers_of_colour_model(*, threshold: float = -0.5, set_threshold: float = 0.5):
+    """The answers :func:`write_answered_model` stores: LAC sets at ``set_threshold``, "unknown" at ``threshold``."""
     from tledge_runtime.model.answers import OOD, Answers, Conformal
 
-    answers = Answers(conformal=Conformal("lac", 0.95, set_threshold, 100, "test"),
-                      ood=OOD("mahalanobis", "ood_score", threshold, 0.95, "test"))
-    return write_model(path, graph=build_graph(ood=True), meta=replace(make_meta(), answers=answers))
+    return Answers(conformal=Conformal("lac", 0.95, set_threshold, 100, "test"),
+                   ood=OOD("mahalanobis", "ood_score", threshold, 0.95, "test"))

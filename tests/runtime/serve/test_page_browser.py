@@ -202,82 +202,59 @@ def test_over_plain_http_off_loopback_the_camera_says_why_it_is_off(browser, cla
         assert _problems(browser) == []
 
 
-# What newer servers add (issue 20: prediction sets and "unknown"; issue 21: versions and signatures), answered by a
-# stand-in API beside the page's real routes: the page shows each field when it is there.
-_FUTURE_INFO = {"model": "future.onnx", "names": ["future"], "backend": "ort-cpu", "labels": ["red", "green", "blue"],
-                "limits": {"max_bytes": 1 << 20, "timeout_s": 5}, "version": 3,
-                "signature": {"verified": True, "signer": "ops@example.com"},
-                "meta": {"precision": "int8", "provenance": {"architecture": "resnet18"},
-                         "preprocess": {"height": 224, "width": 224, "resize": "crop"}},
-                "reference_check": None}
-_FUTURE_ANSWER = {"label": "green", "index": 1, "score": 0.41, "latency_ms": 2.5, "candidates": ["green", "red"],
-                  "unknown": True, "ood_score": 7.25,
-                  "topk": [{"label": "green", "index": 1, "score": 0.41}, {"label": "red", "index": 0, "score": 0.39},
-                           {"label": "blue", "index": 2, "score": 0.2}]}
-_FUTURE_METRICS = """# HELP tledge_requests_total HTTP requests answered, by endpoint and status
-tledge_requests_total{endpoint="predict",status="200"} 4.0
-tledge_requests_total{endpoint="metrics",status="200"} 9.0
-tledge_request_seconds_bucket{endpoint="predict",le="0.01"} 2.0
-tledge_request_seconds_bucket{endpoint="predict",le="0.1"} 4.0
-tledge_request_seconds_bucket{endpoint="predict",le="+Inf"} 4.0
-tledge_unknown_total{model="future"} 1.0
-"""
+def test_a_signed_model_with_answers_shows_its_set_unknown_and_signature(browser, tmp_path, images):
+    """A real `serve --model-dir` with a signed version of a model that carries prediction sets and "unknown": the
+    page shows the version, the verified key, and for each image the set and the unknown verdict the API gives for
+    the same file; the unknown rate is the one /metrics counts."""
+    import os as _os
 
+    from fleet_testkit import checked_model, make_key, sign
+    from runtime_testkit import answers_of_colour_model
 
-@contextlib.contextmanager
-def _future_server():
-    import threading
+    from tledge_runtime.repository import ModelRepository
 
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, PlainTextResponse
-    from starlette.routing import Route
-
-    from tledge_runtime.serve.page import site
-
-    async def info(request):
-        return JSONResponse(_FUTURE_INFO)
-
-    async def predict(request):
-        await request.body()
-        return JSONResponse(_FUTURE_ANSWER)
-
-    async def metrics(request):
-        return PlainTextResponse(_FUTURE_METRICS)
-
-    app = Starlette(routes=[*site.routes(), Route("/info", info), Route("/predict", predict, methods=["POST"]),
-                            Route("/metrics", metrics)])
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False))
-    sock = socket.create_server(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    private, public = make_key(tmp_path / "keys")
+    staging = tmp_path / "models" / "colour" / ".staging"
+    staging.mkdir(parents=True)
+    checked_model(staging / "model.onnx", answers=answers_of_colour_model(set_threshold=0.9))
+    sign(staging, private)
+    _os.rename(staging, tmp_path / "models" / "colour" / "1")
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(grey)
+    repo = ModelRepository(tmp_path / "models", trusted_keys=[public], device="cpu", settle_s=0.0, warmup_batch=2)
     try:
-        wait_for("the stand-in server", lambda: server.started)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with running(repo, poll_s=0.1) as srv:
+            wait_for("version 1 to pass its checks", lambda: request(srv, "GET", "/info")[0] == 200, timeout_s=30)
+            info = request(srv, "GET", "/info")[1]
+            browser.get_log("browser")
+            browser.get(f"http://127.0.0.1:{srv.port}/")
+            try:
+                wait_for("the model card", lambda: "Signature" in _text(browser, "card-list"))
+                card = _text(browser, "card-list")
+                assert f"Version\n{info['version']}" in card
+                assert f"Signature\nverified ({info['signature']['key']})" in card
+                for path, unknown in ((images["red"][2], False), (grey, True)):
+                    browser.find_element(By.ID, "file").send_keys(str(path))
+                    wait_for("the answer", lambda: "answered in" in _text(browser, "status"))
+                    api = request(srv, "POST", "/predict", path.read_bytes())[1]
+                    assert api["unknown"] is unknown and _text(browser, "label") == api["label"]
+                    verdict = _text(browser, "unknown")
+                    assert verdict.startswith("Unknown: " if unknown else "Known: ")
+                    assert f"out-of-distribution score {api['ood_score']:.3f}" in verdict
+                    shown = [li.find_element(By.CLASS_NAME, "name").text
+                             for li in browser.find_elements(By.CSS_SELECTOR, "#topk li.in-set")]
+                    assert shown == api["candidates"]
+                    if unknown:  # a grey frame: every colour is about as likely, all three in the set
+                        assert len(api["candidates"]) == 3
+                        assert _text(browser, "set") == f"Prediction set: {', '.join(api['candidates'])}: unsure, " \
+                                                        "route to a person"
+                    browser.execute_script("document.getElementById('status').textContent = ''")
+                metrics = request(srv, "GET", "/metrics")[1].decode()
+                unknown_n = sum(float(v) for v in re.findall(r'^tledge_unknown_total\{[^}]*\} (\S+)$', metrics, re.M))
+                assert unknown_n == 2  # the grey frame, from the page and from the test
+                wait_for("the unknown rate", lambda: _text(browser, "unknown-rate") == "50.0%", timeout_s=20)
+                assert _problems(browser) == []
+            finally:
+                browser.get("about:blank")
     finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def test_fields_of_newer_servers_are_shown_when_present(browser, images):
-    with _future_server() as origin:
-        browser.get_log("browser")
-        browser.get(origin + "/")
-        try:
-            wait_for("the model card", lambda: "future.onnx" in _text(browser, "card-list"))
-            card = _text(browser, "card-list")
-            assert "Version\n3" in card and "Signature\nverified (ops@example.com)" in card
-            wait_for("the unknown rate", lambda: _text(browser, "unknown-rate") == "25.0%")
-            assert _text(browser, "answered") == "4" and _text(browser, "p50") == "10.0 ms"
-            browser.find_element(By.ID, "file").send_keys(str(images["green"][0]))
-            wait_for("the answer", lambda: _text(browser, "label") == "green")
-            assert _text(browser, "unknown") == ("Unknown: this image looks unlike the training data "
-                                                 "(out-of-distribution score 7.250). Nearest class: green.")
-            assert _text(browser, "set") == "Prediction set: green, red: unsure, route to a person"
-            in_set = [li.find_element(By.CLASS_NAME, "name").text
-                      for li in browser.find_elements(By.CSS_SELECTOR, "#topk li.in-set")]
-            assert in_set == ["green", "red"]
-            assert _problems(browser) == []
-        finally:
-            browser.get("about:blank")
+        repo.close()
