@@ -58,6 +58,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     try:
         return _train(open_run(cfg, dist))
     finally:
+        runfolder.stop_logging_to_files()
         dist_utils.teardown(dist)
 
 
@@ -75,6 +76,7 @@ def resume(out: str | Path) -> RunResult:
     try:
         return _train(open_run(cfg, dist, resumed=ckpt))
     finally:
+        runfolder.stop_logging_to_files()
         dist_utils.teardown(dist)
 
 

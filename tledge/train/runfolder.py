@@ -93,13 +93,23 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def log_to_file(path: Path) -> None:
-    """Also keep the run's log lines next to its checkpoints."""
+    """Also keep the run's log lines next to its checkpoints, until :func:`stop_logging_to_files`."""
     root = logging.getLogger("tledge")
     if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
         handler = logging.FileHandler(path)
         handler.setFormatter(_PrintableFileFormatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.tledge_run_log = True  # type: ignore[attr-defined]  # what stop_logging_to_files removes
         root.addHandler(handler)
         root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+def stop_logging_to_files() -> None:
+    """Detach and close the run-folder log files: a run that ended writes no more lines (a later run in the same
+    process, or anything else it logs, would otherwise land in every earlier run's train.log)."""
+    root = logging.getLogger("tledge")
+    for handler in [h for h in root.handlers if getattr(h, "tledge_run_log", False)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 class _PrintableFileFormatter(logging.Formatter):

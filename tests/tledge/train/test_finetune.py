@@ -70,6 +70,17 @@ def test_head_only_run_leaves_the_backbone_untouched(tmp_path):
     assert all(h["phase"] == "head" for h in result.history)
 
 
+def test_each_run_logs_only_to_its_own_train_log(tmp_path):
+    """Two runs in one process (a script, a benchmark): the first's train.log ends with the first run."""
+    data = make_dataset(tmp_path / "d", per_class=8)
+    cfg = {**TINY, "epochs": 1, "freeze_epochs": 1}
+    first = finetune(FinetuneConfig(data=str(data), out=str(tmp_path / "first"), **cfg))
+    second = finetune(FinetuneConfig(data=str(data), out=str(tmp_path / "second"), **cfg))
+    first_log, second_log = ((r.out / "train.log").read_text() for r in (first, second))
+    assert str(first.out) in first_log and str(second.out) not in first_log
+    assert str(second.out) in second_log and str(first.out) not in second_log
+
+
 def test_same_seed_same_run_on_cpu(tiny_run, tmp_path):
     data = make_dataset(tmp_path / "data", per_class=16)
     again = finetune(FinetuneConfig(data=str(data), out=str(tmp_path / "run"), **TINY))
