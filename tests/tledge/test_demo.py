@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from click.testing import CliRunner
 
 from tledge.cli.main import main
@@ -13,7 +15,7 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
     data = make_dataset(tmp_path / "data", layout="split", per_class=12)
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--data", str(data), "--out", str(out), "--img-size", "32",
-                                       "--epochs", "2", "--freeze-epochs", "1", "--iters", "5"])
+                                       "--epochs", "2", "--freeze-epochs", "1", "--iters", "5", "--seed", "7"])
     text = result.stdout
     refused = [line for line in result.output.splitlines() if line.startswith("error: refused ")]
     # exit 1 exactly when a format was refused, with one summary line (a 2-epoch, 32-px model may miss a budget)
@@ -29,3 +31,4 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
     assert "published baseline VGG-19" in text and "wall time" in text
     for name in ("best.pt", "curves.png", "confusion.png", "benchmark.png", "export/report.json"):
         assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 7

@@ -121,10 +121,12 @@ def evaluate(checkpoint: Path, data: Path, split: Optional[str], batch_size: int
 @click.option("--img-size", type=click.IntRange(16, 1024), default=None, help="Input size [default: 160].")
 @click.option("--epochs", type=click.IntRange(1, 10_000), default=None, help="Total epochs [default: 10].")
 @click.option("--freeze-epochs", type=click.IntRange(0, 10_000), default=None, help="Head-only epochs [default: 2].")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None,
+              help="Training seed: head initialisation, shuffling, augmentation [default: 0]. The split is the data's.")
 @click.option("--iters", type=click.IntRange(5, 100_000), default=50, show_default=True,
               help="Timed calls per benchmark row.")
 def demo(data: Path, out: Optional[Path], arch: Optional[str], img_size: Optional[int], epochs: Optional[int],
-         freeze_epochs: Optional[int], iters: int) -> None:
+         freeze_epochs: Optional[int], seed: Optional[int], iters: int) -> None:
     """The whole toolchain on the ELPV solar-cell dataset, offline: fine-tune EfficientNet-Lite0,
     export fp32/fp16/int8 (each verified against PyTorch), benchmark every format on the
     test split, and recommend the one to ship. About 6 minutes on a quiet 2-core CPU."""
@@ -133,7 +135,7 @@ def demo(data: Path, out: Optional[Path], arch: Optional[str], img_size: Optiona
 
     setup_logging()
     cfg = with_overrides(DemoConfig(data=str(data), out=str(out) if out else None, bench_iters=iters),
-                         arch=arch, img_size=img_size, epochs=epochs, freeze_epochs=freeze_epochs)
+                         arch=arch, img_size=img_size, epochs=epochs, freeze_epochs=freeze_epochs, seed=seed)
     result = run_demo(cfg)
     echo(summary(result))
     if result.export.ok:
