@@ -50,11 +50,11 @@ class Detector:
         f = np.asarray(features, dtype=np.float64)
         a = {k: v.astype(np.float64) for k, v in self.arrays.items()}
         if self.method == "mahalanobis":
-            u = f @ a["project"].T - a["offset"]
-            d2 = (u * u).sum(1, keepdims=True) - 2 * u @ a["centres"].T + (a["centres"] ** 2).sum(1)[None]
+            u = _projected(f, a)
+            d2 = ((u[:, None, :] - a["centres"][None]) ** 2).sum(-1)
             return d2.min(axis=1)
         if self.method == "knn":
-            z = f @ a["project"].T - a["offset"]
+            z = _projected(f, a)
             z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
             sims = np.sort(z @ a["bank"].T, axis=1)[:, ::-1]
             return 1.0 - sims[:, min(NEIGHBOUR, sims.shape[1]) - 1]
@@ -105,7 +105,7 @@ def _mahalanobis(z: np.ndarray, project: np.ndarray, mean: np.ndarray, labels: n
     vals, vecs = np.linalg.eigh(cov)
     whiten = vecs @ np.diag(vals ** -0.5) @ vecs.T  # symmetric inverse square root
     a = whiten @ project  # features -> whitened coordinates in one matrix
-    return Detector("mahalanobis", {"project": a, "offset": a @ mean, "centres": centres @ whiten.T}, t)
+    return Detector("mahalanobis", {"project": a, "mean": mean, "centres": centres @ whiten.T}, t)
 
 
 def _knn(z: np.ndarray, project: np.ndarray, mean: np.ndarray, t: float, max_bytes: int) -> Detector:
@@ -114,7 +114,16 @@ def _knn(z: np.ndarray, project: np.ndarray, mean: np.ndarray, t: float, max_byt
     room = max(NEIGHBOUR, (max_bytes - fixed) // (4 * bank.shape[1]))
     if len(bank) > room:  # an evenly spaced subset of the training images: the bank fits the size budget
         bank = bank[np.linspace(0, len(bank) - 1, room).astype(int)]
-    return Detector("knn", {"project": project, "offset": project @ mean, "bank": bank}, t)
+    return Detector("knn", {"project": project, "mean": mean, "bank": bank}, t)
+
+
+def _projected(f: np.ndarray, a: dict[str, np.ndarray]) -> np.ndarray:
+    """Features in the detector's coordinates. Centred *before* the projection: projecting first and subtracting
+    the projected mean (``offset``, what detectors fitted before 2026-12-05 hold) cancels most digits in float32,
+    and the exported graph must match PyTorch to 1e-4."""
+    if "mean" in a:
+        return (f - a["mean"]) @ a["project"].T
+    return f @ a["project"].T - a["offset"]
 
 
 def threshold(scores: np.ndarray, keep: float) -> float:

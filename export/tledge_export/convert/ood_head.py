@@ -31,11 +31,12 @@ class OODHead(nn.Module):
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.method == "mahalanobis":
-            u = features @ self.project.T - self.offset
-            d2 = (u * u).sum(1, keepdim=True) - 2 * u @ self.centres.T + (self.centres * self.centres).sum(1)[None]
-            return d2.min(dim=1, keepdim=True).values
+            # squared distance to each centre from the differences themselves: expanding |u|^2 - 2u.c + |c|^2
+            # cancels most digits in float32 when the centres are far from the origin
+            diff = self._projected(features).unsqueeze(1) - self.centres.unsqueeze(0)
+            return (diff * diff).sum(-1).min(dim=1, keepdim=True).values
         if self.method == "knn":
-            z = features @ self.project.T - self.offset
+            z = self._projected(features)
             z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
             k = min(self.neighbour, self.bank.shape[0])
             return 1.0 - torch.topk(z @ self.bank.T, k, dim=1).values[:, k - 1:k]
@@ -44,6 +45,12 @@ class OODHead(nn.Module):
         if self.method == "energy":
             return -self.temperature * lse
         return -torch.exp(z.max(dim=1, keepdim=True).values - lse)  # msp
+
+    def _projected(self, features: torch.Tensor) -> torch.Tensor:
+        """Centred before projecting (see tledge.answers.ood._projected); ``offset``: detectors fitted earlier."""
+        if hasattr(self, "mean"):
+            return (features - self.mean) @ self.project.T
+        return features @ self.project.T - self.offset
 
 
 class WithScore(nn.Module):

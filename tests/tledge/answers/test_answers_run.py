@@ -24,7 +24,7 @@ def test_the_run_fits_all_three_on_held_out_data(answered_run):
     assert 0 <= a["conformal"]["test"]["coverage"] <= 1 and 0 < a["conformal"]["test"]["mean_set_size"] <= 3
     assert (answered_run.out / "calibration.png").stat().st_size > 1000
     ckpt = torch.load(answered_run.best, weights_only=True)
-    assert ckpt["ood"]["method"] == "mahalanobis" and set(ckpt["ood"]["arrays"]) == {"project", "offset", "centres"}
+    assert ckpt["ood"]["method"] == "mahalanobis" and set(ckpt["ood"]["arrays"]) == {"project", "mean", "centres"}
 
 
 def test_every_precision_carries_the_score_output_and_verifies_it(answered_export):
