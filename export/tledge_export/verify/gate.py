@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from tledge_runtime.model.answers import score_bound
 from tledge_runtime.model.verification import Verification
 
 CONFIDENCE = 0.95  # of the paired interval of an accuracy change
@@ -79,10 +80,11 @@ def judge_unknown(v: Verification, scores: np.ndarray, reference: np.ndarray) ->
     "unknown" alike on at least ``min_agreement`` percent of the held-out and probe images for fp16 and int8."""
     budget = v.budget
     if budget.kind == "logits":
-        limit = budget.atol + budget.rtol * np.abs(reference)
+        limit = score_bound(budget.atol, budget.rtol, reference, v.unknown_threshold)
         over = np.abs(scores - reference) > limit
+        scale = "|score|" if v.unknown_threshold is None else f"max(|score|, threshold {v.unknown_threshold:.4g})"
         return [f"ood_score differs from PyTorch's by up to {v.ood_max_abs_diff:.3g} ({int(over.sum())} of "
-                f"{over.size} over {budget.atol:g} + {budget.rtol:g}*|score|)"] if over.any() else []
+                f"{over.size} over {budget.atol:g} + {budget.rtol:g}*{scale})"] if over.any() else []
     if v.unknown_agreement is None or budget.min_agreement <= 0:
         return []
     # As for answers (judge): a score within the format's own noise of the threshold is borderline; "unknown"

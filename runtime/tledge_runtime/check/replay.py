@@ -25,6 +25,7 @@ import numpy as np
 
 from tledge_runtime.check.trace import Trace, trace
 from tledge_runtime.errors import CheckFailed, MetadataError, TledgeError
+from tledge_runtime.model.answers import score_bound
 from tledge_runtime.model.meta import ModelMeta
 from tledge_runtime.model.reference_set import ReferenceSet
 
@@ -164,7 +165,8 @@ def _judge_scores(meta: ModelMeta, refs: Any, scores: Optional[np.ndarray]) -> s
     diff = np.abs(scores - ref)
     v = meta.verification
     if v is not None and v.budget.kind == "logits":
-        limit = v.budget.atol + v.budget.rtol * np.abs(ref)
+        ood = meta.answers.ood if meta.answers is not None else None
+        limit = score_bound(v.budget.atol, v.budget.rtol, ref, None if ood is None else ood.threshold)
         return "" if (diff <= limit).all() else f"ood_score differs from PyTorch's by up to {diff.max():.3g}"
     tol = refs.ood_tolerance if refs.ood_tolerance is not None else MIN_ACCURACY_TOLERANCE
     return "" if diff.max() <= tol else f"ood_score differs from PyTorch's by {diff.max():.3g} > {tol:.3g}"

@@ -140,3 +140,12 @@ class Answers:
                 if body.get(name) is not None:
                     body[name] = build(part, body[name], f"answers {name}")
         return build(cls, body, "answers")
+
+
+def score_bound(atol: float, rtol: float, reference: Any, threshold: Optional[float]) -> Any:
+    """How far an fp32 model's ``ood_score`` may be from PyTorch's (``reference``, an array): the logits' bound, with
+    the relative part taken of the larger of the score and the threshold it is compared with. A squared distance
+    near zero moves by as much as one near the threshold when the features move by float32 noise (twice the
+    distance times the noise, after whitening), and only its side of the threshold is ever used."""
+    scale = abs(reference) if threshold is None else abs(reference).clip(min=abs(threshold))
+    return atol + rtol * scale

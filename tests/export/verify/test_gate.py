@@ -123,3 +123,25 @@ def test_an_operating_point_decides_both_models():
     p1 = 1 / (1 + np.exp(ref[:, 0] - ref[:, 1]))
     assert v.accuracy_reference == pytest.approx(((p1 >= 0.2).astype(int) == labels).mean())
     assert v.decision.startswith("1 when p(1) >= 0.2") and v.passed
+
+
+def test_fp32_ood_score_is_bounded_at_the_threshold_scale():
+    """fp32: a squared distance near zero may move by float32 noise times the threshold's scale (the demo's case:
+    0.0078 on a score of 10 with the threshold at 140); a real difference is still refused."""
+    from tledge_export.verify.compare import compare_scores
+    from tledge_runtime.model.answers import OOD
+
+    ref, fmt, labels = binary_task(200, 0, 0.0)
+    v = compare(fmt, ref, labels, Budget("logits", atol=1e-4, rtol=1e-4))
+    ood = OOD("mahalanobis", "ood_score", 140.0, 0.95, "test")
+    reference = np.linspace(5.0, 400.0, 200)
+    near = reference.copy()
+    near[0] += 0.0078  # under 1e-4 + 1e-4 * 140; over 1e-4 + 1e-4 * 5
+    assert compare_scores(v, near, reference, ood).passed
+    far = reference.copy()
+    far[0] += 0.05
+    judged = compare_scores(v, far, reference, ood)
+    assert not judged.passed and "max(|score|, threshold 140)" in judged.failures[-1]
+    bigger = reference.copy()
+    bigger[-1] += 0.03  # 1e-4 * 400 = 0.04: a far score keeps its own relative bound
+    assert compare_scores(v, bigger, reference, ood).passed
