@@ -33,7 +33,8 @@ option = config_option(default)
 @option("--freeze-epochs", field="freeze_epochs", type=click.IntRange(0, 10_000),
         help="Head-only epochs on cached backbone features first; >= --epochs trains only the head.")
 @option("--img-size", field="img_size", type=click.IntRange(16, 1024),
-        help="Input size, pixels [default: the arch's ImageNet size: Lite0 224, Lite1 240, Lite2 260, ResNet 224].")
+        help="Input size, pixels [default: the arch's ImageNet size (Lite0 224, Lite1 240, Lite2 260, ResNet 224), or "
+             "the images' own shorter side when smaller, rounded up to 32, at least 64].")
 @option("--crop-ratio", field="crop_ratio", type=click.FloatRange(0.1, 1.0),
         help="Eval crop: shorter side to img-size/ratio, then centre crop (ImageNet uses 0.875).")
 @option("--batch-size", "-b", field="batch_size", type=click.IntRange(1, 8192))

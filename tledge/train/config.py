@@ -20,7 +20,8 @@ class FinetuneConfig:
     weights: str = "imagenet"  # imagenet | none (from scratch) | path to a state dict
     epochs: int = 12  # total epochs, head warm-up included
     freeze_epochs: int = 3  # head-only epochs on cached features; >= epochs: the backbone is never unfrozen
-    img_size: Optional[int] = None  # model input, pixels (square); None: the arch's ImageNet size (Lite2: 260)
+    img_size: Optional[int] = None  # model input, pixels (square); None: the arch's ImageNet size (Lite2: 260),
+    # or the training images' own when smaller (>= 64 px; tledge.data.input_size)
     crop_ratio: float = 1.0  # eval: shorter side to img_size / crop_ratio, then centre crop
     batch_size: int = 32  # global batch (split across torchrun processes)
     lr: float = 1e-3  # head learning rate (AdamW); the backbone gets lr * backbone_lr_scale

@@ -43,6 +43,20 @@ def test_run_writes_everything_and_learns(tiny_run):
     assert len((out / "history.csv").read_text().splitlines()) == 1 + len(tiny_run.history)
 
 
+def test_best_epoch_is_the_best_accuracy_with_ties_to_the_lower_loss(tiny_run):
+    from tledge.train.run import TrainState
+
+    state = TrainState(best_acc=0.9, best_epoch=3, best_loss=0.40)
+    assert state.improves(0.91, 0.90)  # accuracy first, whatever the loss
+    assert state.improves(0.9, 0.35) and not state.improves(0.9, 0.40) and not state.improves(0.89, 0.01)
+    assert TrainState().improves(0.0, 5.0)  # the first epoch always counts
+    # the real run picked by the same rule, and best.pt holds that epoch
+    rows = tiny_run.history
+    expected = max(rows, key=lambda h: (h["val_acc"], -h["val_loss"], -h["epoch"]))["epoch"]
+    assert json.loads((tiny_run.out / "metrics.json").read_text())["best_epoch"] == expected
+    assert load_checkpoint(tiny_run.best)["epoch"] == expected
+
+
 def test_checkpoints_hold_only_plain_data_and_rebuild_their_model(tiny_run):
     raw = torch.load(tiny_run.best, map_location="cpu", weights_only=True)  # no pickled code anywhere
     assert raw["format"] == "tledge.train.checkpoint" and raw["arch"] == "efficientnet_lite0"
