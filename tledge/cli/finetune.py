@@ -52,10 +52,17 @@ option = config_option(default)
         help="Test fraction when DATA is a plain class-folder layout.")
 @click.option("--hflip/--no-hflip", "hflip", default=default("hflip"),
               help="Mirror training images left-right, or never (digits, text, anything whose orientation is the "
-                   "class) [default: auto: the validation split decides, in seconds].")
-@option("--vflip", field="vflip", is_flag=True, help="Also flip vertically (inspection, microscopy, top-down images).")
+                   "class) [default: auto: on when the class survives it: a head trained on mirrored images still "
+                   "classifies the validation split, in seconds].")
+@click.option("--vflip/--no-vflip", "vflip", default=default("vflip"),
+              help="Also flip vertically (inspection, microscopy, top-down images), or never [default: auto: on when "
+                   "the class survives the flip, tested like --hflip].")
+@click.option("--rot90/--no-rot90", "rot90", default=default("rot90"),
+              help="Also rotate by 90, 180, 270 degrees (square inspection or microscopy images), or never [default: "
+                   "auto: on when the class survives a quarter turn, tested like --hflip].")
 @option("--crop-scale", field="crop_scale", type=click.FloatRange(0.05, 1.0),
-        help="Random crops keep at least this fraction of the image; 0.8 when defects are small.")
+        help="Random crops keep at least this fraction of the image; lower it (0.35) for photos whose object is "
+             "small and anywhere in the frame.")
 @option("--unfreeze", field="unfreeze", type=click.IntRange(1, 100),
         help="Fine-tune only the last N backbone stages [default: all of them].")
 @option("--ema", field="ema", type=click.FloatRange(0, 1, min_open=True, max_open=True),

@@ -105,7 +105,7 @@ def _finish(run: Run) -> RunResult:
         "tledge_version": __version__, "arch": cfg.arch, "weights": cfg.weights, "best_epoch": run.state.best_epoch,
         "epochs_run": run.state.epoch, "classes": run.splits.classes, "images": run.splits.counts(),
         "skipped_images": runfolder.count_skipped(out),
-        "train_seconds": round(sum(h["seconds"] for h in run.state.history), 1), "hflip": run.state.hflip,
+        "train_seconds": round(sum(h["seconds"] for h in run.state.history), 1), **run.state.orientations(),
         **{f"{k}_accuracy": v["accuracy"] for k, v in results.items()}, "reports": results, "config": cfg.to_dict(),
         "answers": {**answers.to_dict(), **fitted}, "speed": run.speed.to_dict(),
     }

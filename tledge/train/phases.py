@@ -1,7 +1,8 @@
 """The two training phases of a run, and what they need: AdaBN, cached head features, validation, optimizers.
 
 1. :func:`head_phase`: the pretrained backbone is frozen, so its features are computed once (the image
-   as the device sees it, and its mirror image) and the linear head trains on them in milliseconds.
+   as the device sees it, and its mirrored, flipped and rotated views that are on or to be decided) and the
+   linear head trains on them in milliseconds.
    A good head first keeps the random head's large gradients from wrecking the pretrained features
    when they unfreeze.
 2. :func:`finetune_phase`: the backbone (or its last ``--unfreeze`` stages) trains too, with
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,7 +33,14 @@ from tledge.train.transforms import BatchAugment
 log = logging.getLogger(__name__)
 
 ADAPT_BN_IMAGES = 1024  # BatchNorm statistics settle well before this many images
-HFLIP_TRIAL_EPOCHS = 3  # head epochs per trial of --hflip auto
+TRIAL_EPOCHS = 3  # head epochs per trial of an orientation's "auto"
+# The orientation changes training can use: what the log calls the changed images, and the change on an NHWC
+# uint8 batch.
+ORIENTATIONS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "hflip": ("mirrored", lambda b: b.flip(2)),
+    "vflip": ("vertically flipped", lambda b: b.flip(1)),
+    "rot90": ("rotated", lambda b: b.rot90(1, dims=(1, 2))),  # training inputs are square
+}
 
 
 def adapt_bn(run: Run) -> None:
@@ -55,18 +64,15 @@ def adapt_bn(run: Run) -> None:
 
 
 def head_phase(run: Run) -> None:
-    """Frozen backbone: features of every training image (and its mirror) once, then the head alone."""
+    """Frozen backbone: features of every training image (and its orientation changes) once, then the head alone."""
     cfg, net = run.cfg, unwrap(run.model)
     net.backbone.requires_grad_(False)
-    plain, mirrored = train_features(run)
+    views = train_features(run)
     labels = torch.from_numpy(run.train.labels)
     val_feats = sharded_infer(run, net.backbone, run.val.images, "val features")
-    val_labels = torch.from_numpy(run.val.labels)
-    if run.state.hflip is None:
-        run.state.hflip = cfg.hflip if cfg.hflip is not None else decide_hflip(run, plain, mirrored, labels,
-                                                                               val_feats, val_labels)
-    feats = torch.cat([plain, mirrored]) if run.state.hflip else plain
-    labels = torch.cat([labels, labels]) if run.state.hflip else labels
+    decide_orientations(run, views, labels, val_feats, torch.from_numpy(run.val.labels))
+    chosen = [views["plain"], *(views[name] for name in ORIENTATIONS if getattr(run.state, name))]
+    feats, labels = torch.cat(chosen), labels.repeat(len(chosen))
     opt = make_optimizer(cfg, [{"params": list(net.head.parameters()), "lr": cfg.lr}])
     saved = run.optimizer_state("head")
     if saved is not None:
@@ -76,35 +82,49 @@ def head_phase(run: Run) -> None:
                                  batch_size=cfg.batch_size, label_smoothing=cfg.label_smoothing)
         with torch.no_grad():
             net.head.eval()
-            val_loss, val_acc = evaluate_logits(net.head(val_feats), val_labels)
+            val_loss, val_acc = evaluate_logits(net.head(val_feats), torch.from_numpy(run.val.labels))
         end_epoch(run, opt, "head", stats, val_loss, val_acc, lr=cfg.lr)
 
 
-def decide_hflip(run: Run, plain: torch.Tensor, mirrored: torch.Tensor, labels: torch.Tensor,
-                 val_feats: torch.Tensor, val_labels: torch.Tensor) -> bool:
-    """``--hflip auto``: mirror training images only if a head trained with mirrored images does as well on the
-    validation images as one trained without. Digits, text and left/right parts lose to their mirror images;
-    photos of things do not. Two head trainings on cached features: a second or two, no convolution."""
-    scores = {}
+def decide_orientations(run: Run, views: dict[str, torch.Tensor], labels: torch.Tensor, val_feats: torch.Tensor,
+                        val_labels: torch.Tensor) -> None:
+    """Each orientation change left on "auto" (``--hflip``, ``--vflip``, ``--rot90``) is used only if it keeps the
+    class: a head trained on the changed training images alone classifies the validation images (as they are)
+    within two standard errors of a head trained on the images as they are. A mirrored digit, an upside-down
+    "top" or a quarter-turned stripe is another class, and its head fails; a mirrored or flipped solar cell is
+    the same cell. Head trainings on cached features: seconds, no convolution. A resumed run keeps what it
+    decided."""
+    state, cfg = run.state, run.cfg
+    auto = [name for name in ORIENTATIONS if getattr(state, name) is None and getattr(cfg, name) is None]
     with torch.random.fork_rng(devices=[]):  # dropout draws from torch's RNG: the run's own draws stay as they were
-        for mirror in (False, True):
-            scores[mirror] = _trial_head(run, plain, mirrored, labels, val_feats, val_labels, mirror)
-    chosen = scores[True] >= scores[False]
-    log.info("hflip auto: %s (validation accuracy of the head %.2f%% with mirrored training images, %.2f%% without)",
-             "on" if chosen else "off", 100 * scores[True], 100 * scores[False])
+        base = _trial_head(run, views["plain"], labels, val_feats, val_labels) if auto else 0.0
+        for name, (adjective, _) in ORIENTATIONS.items():
+            if name in auto:
+                changed = _trial_head(run, views[name], labels, val_feats, val_labels)
+                setattr(state, name, keeps_class(name, adjective, base, changed, len(val_labels)))
+            elif getattr(state, name) is None:
+                setattr(state, name, getattr(cfg, name))
+
+
+def keeps_class(name: str, adjective: str, base: float, changed: float, n: int) -> bool:
+    """On when the head trained on changed images is within two standard errors (at least one image) of the plain one."""
+    tolerance = max(2 * math.sqrt(base * (1 - base) / max(n, 1)), 1 / max(n, 1))
+    chosen = changed >= base - tolerance
+    log.info("%s auto: %s (a head trained on %s training images: %.2f%% on the validation images; trained on them "
+             "as they are: %.2f%%; kept within %.1f points)", name, "on" if chosen else "off", adjective,
+             100 * changed, 100 * base, 100 * tolerance)
     return chosen
 
 
-def _trial_head(run: Run, plain: torch.Tensor, mirrored: torch.Tensor, labels: torch.Tensor, val_feats: torch.Tensor,
-                val_labels: torch.Tensor, mirror: bool) -> float:
-    """Validation accuracy of a fresh copy of the head trained on the features, with or without the mirrored ones."""
+def _trial_head(run: Run, feats: torch.Tensor, labels: torch.Tensor, val_feats: torch.Tensor,
+                val_labels: torch.Tensor) -> float:
+    """Validation accuracy of a fresh copy of the head trained on these features of the training images."""
     cfg, net = run.cfg, unwrap(run.model)
     head = copy.deepcopy(net.head)
     gen = torch.Generator().manual_seed(cfg.seed + 17)  # its own stream: the run's RNGs stay untouched
-    feats, y = (torch.cat([plain, mirrored]), torch.cat([labels, labels])) if mirror else (plain, labels)
     opt = make_optimizer(cfg, [{"params": list(head.parameters()), "lr": cfg.lr}])
-    for _ in range(max(cfg.head_epochs, HFLIP_TRIAL_EPOCHS)):
-        train_head_epoch(head, net.dropout, feats, y, opt, gen, batch_size=cfg.batch_size,
+    for _ in range(max(cfg.head_epochs, TRIAL_EPOCHS)):
+        train_head_epoch(head, net.dropout, feats, labels, opt, gen, batch_size=cfg.batch_size,
                          label_smoothing=cfg.label_smoothing)
     with torch.no_grad():
         head.eval()
@@ -123,9 +143,7 @@ def finetune_phase(run: Run) -> None:
         if dist.enabled else net
     steps_per_epoch = -(-(len(run.train) // dist.world) // max(1, cfg.batch_size // dist.world))
     set_lr = _schedule(opt, steps_per_epoch * (cfg.epochs - cfg.head_epochs), round(cfg.warmup_epochs * steps_per_epoch))
-    hflip = run.state.hflip if run.state.hflip is not None else (cfg.hflip is not False)
-    augment = BatchAugment((run.prep.height, run.prep.width), scale=(cfg.crop_scale, 1.0), hflip=hflip,
-                           vflip=cfg.vflip)
+    augment = BatchAugment((run.prep.height, run.prep.width), scale=(cfg.crop_scale, 1.0), **orientation_flags(run))
     total = sum(p.numel() for p in net.backbone.parameters())
     log.info("fine-tuning %.2fM of %.2fM backbone parameters%s", trainable / 1e6, total / 1e6,
              f" (last {cfg.unfreeze} stages)" if cfg.unfreeze else "")
@@ -181,12 +199,25 @@ def set_trainable(net: Net, arch: str, unfreeze: Optional[int]) -> int:
     return sum(p.numel() for p in net.backbone.parameters() if p.requires_grad)
 
 
-def train_features(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features of each training image as the device sees it, and of its mirror image."""
+def orientation_flags(run: Run) -> dict[str, bool]:
+    """What fine-tuning augments with: what the head phase decided; without a head phase (``--freeze-epochs 0``),
+    mirrors unless ``--no-hflip`` (ImageNet's habit) and flips or rotations only when asked for."""
+    state, cfg = run.state, run.cfg
+    return {"hflip": state.hflip if state.hflip is not None else cfg.hflip is not False,
+            "vflip": state.vflip if state.vflip is not None else cfg.vflip is True,
+            "rot90": state.rot90 if state.rot90 is not None else cfg.rot90 is True}
+
+
+def train_features(run: Run) -> dict[str, torch.Tensor]:
+    """Backbone features of each training image as the device sees it ("plain"), and of each orientation change
+    that is on or still to be decided."""
     net, eval_view = unwrap(run.model), run.train.views[1]
-    plain = sharded_infer(run, net.backbone, eval_view, "train features")
-    mirrored = sharded_infer(run, net.backbone, eval_view, "mirrored features", view=lambda b: b.flip(2))
-    return plain, mirrored
+    views = {"plain": sharded_infer(run, net.backbone, eval_view, "train features")}
+    for name, (adjective, view) in ORIENTATIONS.items():
+        decided = getattr(run.state, name)
+        if decided or (decided is None and getattr(run.cfg, name) is not False):
+            views[name] = sharded_infer(run, net.backbone, eval_view, f"{adjective} features", view=view)
+    return views
 
 
 def sharded_infer(run: Run, module: nn.Module, images: np.ndarray, desc: str,

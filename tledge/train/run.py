@@ -62,7 +62,14 @@ class TrainState:
     best_epoch: int = 0
     best_loss: float = float("inf")  # that epoch's validation loss: breaks ties in accuracy
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (history.csv)
-    hflip: Optional[bool] = None  # mirror training images: the config's choice, or what --hflip auto decided
+    # Which orientation changes training uses: the config's choice, or what "auto" decided (phases.decide_orientations)
+    hflip: Optional[bool] = None  # mirror left-right
+    vflip: Optional[bool] = None  # flip top-bottom
+    rot90: Optional[bool] = None  # rotate by a multiple of 90 degrees
+
+    def orientations(self) -> dict[str, Optional[bool]]:
+        """``{"hflip": .., "vflip": .., "rot90": ..}``: what metrics.json and every checkpoint record."""
+        return {"hflip": self.hflip, "vflip": self.vflip, "rot90": self.rot90}
 
     def improves(self, val_acc: float, val_loss: float) -> bool:
         """Better validation accuracy, or the same accuracy at a lower validation loss.
@@ -249,7 +256,7 @@ def model_payload(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
     return {"arch": run.cfg.arch, "labels": run.splits.classes, "preprocess": run.prep.to_dict(),
             "state_dict": _weights(unwrap(run.model)),
             "config": run.cfg.to_dict(), "tledge_version": __version__, "epoch": run.state.epoch, "metrics": metrics,
-            "hflip": run.state.hflip}  # whether training mirrored images (--hflip auto decides per dataset)
+            **run.state.orientations()}  # whether training mirrored/flipped/rotated images (auto: per dataset)
 
 
 def _weights(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,15 +26,18 @@ class BatchAugment:
     """Standard ImageNet-style train augmentation on a uint8 NHWC batch, seeded by a torch Generator.
 
     Random-resized-crop (area ``scale``, aspect ``ratio``) resized with antialiasing to
-    ``size``, horizontal flip, optional vertical flip, and brightness/contrast jitter of
-    +-``jitter``. Returns uint8 NHWC so normalisation stays in one place.
+    ``size``, horizontal flip, optional vertical flip and rotation by a random multiple of 90 degrees (a
+    square ``size`` only), and brightness/contrast jitter of +-``jitter``. Returns uint8 NHWC so normalisation
+    stays in one place.
     """
 
     def __init__(self, size: tuple[int, int], *, scale: tuple[float, float] = (0.35, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, vflip: bool = False,
-                 jitter: float = 0.2):
+                 rot90: bool = False, jitter: float = 0.2):
+        if rot90 and size[0] != size[1]:
+            raise ValueError(f"rotating by 90 degrees needs a square input, not {size[1]}x{size[0]}")
         self.size, self.scale, self.ratio = size, scale, ratio
-        self.hflip, self.vflip, self.jitter = hflip, vflip, jitter
+        self.hflip, self.vflip, self.rot90, self.jitter = hflip, vflip, rot90, jitter
 
     def __call__(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n, h, w, _ = batch.shape
@@ -48,6 +51,8 @@ class BatchAugment:
                 img = img.flip(2)
             if self.vflip and u[i, 1] < 0.5:
                 img = img.flip(1)
+            if self.rot90:
+                img = img.rot90(int(4 * u[i, 4]) % 4, dims=(1, 2))
             if self.jitter > 0:
                 brightness = 1 + self.jitter * (2 * u[i, 2] - 1)
                 contrast = 1 + self.jitter * (2 * u[i, 3] - 1)

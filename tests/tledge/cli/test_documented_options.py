@@ -85,6 +85,57 @@ def test_hflip_auto_turns_mirroring_off_when_the_mirror_is_another_class(tmp_pat
 
 def test_hflip_auto_keeps_mirroring_for_symmetric_classes(tiny_run):
     assert tiny_run.metrics["hflip"] is True
+    # colour does not care which way up: flips and rotations all help or tie, so all are on
+    assert tiny_run.metrics["vflip"] is True and tiny_run.metrics["rot90"] is True
+
+
+def _patterns(folder, n: int, classes: dict) -> None:
+    """Noisy 40x40 images of each class's pattern (a boolean mask of bright pixels)."""
+    rng = np.random.default_rng(1)
+    for name, mask in classes.items():
+        (folder / name).mkdir(parents=True)
+        for i in range(n):
+            a = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)
+            a[mask] += 150
+            Image.fromarray(a).save(folder / name / f"{i}.png")
+
+
+def _orientations_decided(tmp_path, classes: dict) -> tuple[dict, str]:
+    data, out = tmp_path / "data", tmp_path / "run"
+    _patterns(data, 16, classes)
+    _invoke(["finetune", str(data), "--out", str(out), "--img-size", "32", "--epochs", "2", "--freeze-epochs", "2",
+             "--workers", "2"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {k: metrics["config"][k] for k in ("hflip", "vflip", "rot90")} == dict.fromkeys(("hflip", "vflip", "rot90"))
+    assert {k: torch.load(out / "best.pt", weights_only=True)[k] for k in ("hflip", "vflip", "rot90")} == \
+        {k: metrics[k] for k in ("hflip", "vflip", "rot90")}  # the decisions travel with the weights
+    return metrics, (out / "train.log").read_text()
+
+
+def test_vflip_auto_is_off_when_upside_down_is_another_class(tmp_path):
+    rows = np.arange(40)[:, None] < 20
+    metrics, log = _orientations_decided(tmp_path, {"top": np.broadcast_to(rows, (40, 40)),
+                                                    "bottom": np.broadcast_to(~rows, (40, 40))})
+    assert metrics["hflip"] is True and metrics["vflip"] is False
+    assert "vflip auto: off (a head trained on vertically flipped training images: 0.00%" in log
+
+
+def test_rot90_auto_is_off_when_a_quarter_turn_is_another_class(tmp_path):
+    stripes = (np.arange(40) // 4) % 2 == 0
+    metrics, log = _orientations_decided(tmp_path, {"rows": np.broadcast_to(stripes[:, None], (40, 40)),
+                                                    "columns": np.broadcast_to(stripes[None, :], (40, 40))})
+    assert metrics["hflip"] is True and metrics["vflip"] is True and metrics["rot90"] is False
+    assert "rot90 auto: off" in log
+
+
+def test_orientation_options_override_auto(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    _invoke(["finetune", str(data), "--out", str(out), "--img-size", "32", "--epochs", "2", "--freeze-epochs", "1",
+             "--no-vflip", "--rot90", "--workers", "2"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["vflip"], metrics["rot90"]) == (False, True)
+    assert "vflip auto" not in (out / "train.log").read_text()
 
 
 def test_export_options_fp16_io_entropy_calibration_size_class_budget_reference_count(tiny_run, tmp_path):
