@@ -40,7 +40,7 @@ class FinetuneConfig:
     test_split: float = 0.2  # fraction held out for testing when the folder has no train/ layout
     # Mirror images left-right in training (and add mirrored features to the head warm-up). None (auto): on
     # when the class survives it: a head trained on mirrored training images alone classifies the validation
-    # split within two standard errors of one trained on them as they are (seconds, cached features). Off when
+    # split as well as one trained on them as they are (within one image) (seconds, cached features). Off when
     # orientation carries the class: digits, text, arrows, left/right parts.
     hflip: Optional[bool] = None
     # Also flip vertically / rotate by multiples of 90 degrees (top-down, microscopy, inspection images; wrong for

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -90,7 +89,7 @@ def decide_orientations(run: Run, views: dict[str, torch.Tensor], labels: torch.
                         val_labels: torch.Tensor) -> None:
     """Each orientation change left on "auto" (``--hflip``, ``--vflip``, ``--rot90``) is used only if it keeps the
     class: a head trained on the changed training images alone classifies the validation images (as they are)
-    within two standard errors of a head trained on the images as they are. A mirrored digit, an upside-down
+    as well as a head trained on the images as they are (within one image). A mirrored digit, an upside-down
     "top" or a quarter-turned stripe is another class, and its head fails; a mirrored or flipped solar cell is
     the same cell. Head trainings on cached features: seconds, no convolution. A resumed run keeps what it
     decided."""
@@ -107,12 +106,16 @@ def decide_orientations(run: Run, views: dict[str, torch.Tensor], labels: torch.
 
 
 def keeps_class(name: str, adjective: str, base: float, changed: float, n: int) -> bool:
-    """On when the head trained on changed images is within two standard errors (at least one image) of the plain one."""
-    tolerance = max(2 * math.sqrt(base * (1 - base) / max(n, 1)), 1 / max(n, 1))
+    """On when the head trained on changed images does as well as the plain one, within one validation image.
+
+    Not within a standard error: an ImageNet backbone's pooled features barely change when a digit is mirrored,
+    so a head trained on mirrored digits alone still scored 89.7% against 91.9% (digits split 1, 136 images;
+    2 SE is 4.7 points) and mirroring, on, cost the fine-tuned model 2 points. Leaving a harmless change off
+    costs less than turning a harmful one on."""
+    tolerance = 1 / max(n, 1)
     chosen = changed >= base - tolerance
     log.info("%s auto: %s (a head trained on %s training images: %.2f%% on the validation images; trained on them "
-             "as they are: %.2f%%; kept within %.1f points)", name, "on" if chosen else "off", adjective,
-             100 * changed, 100 * base, 100 * tolerance)
+             "as they are: %.2f%%)", name, "on" if chosen else "off", adjective, 100 * changed, 100 * base)
     return chosen
 
 
