@@ -14,7 +14,8 @@ turns. A shared machine's load hits every configuration alike; read the ratios, 
 - ``--profile``: one training step of ``today`` and of ``fast`` by operator type (torch.profiler).
 - ``--paired``: two whole ``tledge finetune`` runs on DATA, today's arithmetic (``--no-speedups --precision fp32
   --compile off``) and the default, same split and seed, then both best.pt on the test split: accuracy of each and
-  McNemar's exact p on the images they disagree on. Both run with sleeping OpenMP threads: how idle threads wait
+  McNemar's exact p on the images they disagree on. A run folder under ``--work`` (``today``, ``fast``) that holds
+  a finished run is reused, not retrained: link recipe_elpv.py's default run there to pair it. Both run with sleeping OpenMP threads: how idle threads wait
   changes no arithmetic, and spinning ones would triple the machine time of today's run on a shared machine.
 
     python benchmarks/train_speed.py --data data/elpv [--ablate] [--profile] [--paired] [--json out.json]
@@ -234,12 +235,15 @@ def paired(args: argparse.Namespace, work: Path) -> dict:
         out = work / name
         cmd = [sys.executable, "-m", "tledge", "finetune", str(args.data), "--out", str(out), "--seed", "0",
                *args.paired_extra.split(), *extra]
-        print(f"  {' '.join(cmd[2:])}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        if (out / "metrics.json").exists():  # a finished run (e.g. recipe_elpv.py's run-0, linked here) is reused
+            print(f"  {out}: finished earlier, reused", flush=True)
+        else:
+            print(f"  {' '.join(cmd[2:])}", flush=True)
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         metrics = json.loads((out / "metrics.json").read_text())
         history = [h for h in metrics_history(out) if h["phase"] == "finetune"]
-        runs[name] = {"wall_s": round(time.perf_counter() - t0), "test_accuracy": metrics["test_accuracy"],
+        runs[name] = {"train_s": round(metrics["train_seconds"]), "test_accuracy": metrics["test_accuracy"],
                       "finetune_images_per_s": round(statistics.median(h["images_per_s"] for h in history), 2),
                       "speed": metrics.get("speed", {}), "correct": test_correct(out / "best.pt", args.data)}
     from tledge_runtime.model.verification import mcnemar_p
@@ -332,7 +336,7 @@ def report(result: dict) -> None:
         p = result["paired"]
         for name, r in p["runs"].items():
             print(f"{name}: test accuracy {100 * r['test_accuracy']:.2f}%, fine-tuning {r['finetune_images_per_s']} "
-                  f"img/s (not interleaved), wall {r['wall_s']}s")
+                  f"img/s (not interleaved), training {r['train_s']}s (metrics.json)")
         print(f"of {p['test_images']} test images: fast right where today wrong {p['fast_right_today_wrong']}, "
               f"today right where fast wrong {p['today_right_fast_wrong']}, McNemar exact p = {p['mcnemar_p']:.3f}")
 
