@@ -108,11 +108,14 @@ def test_cached_head_features_are_the_backbone_on_the_device_tensor(files, p):
     cfg = FinetuneConfig(data="unused", batch_size=4, img_size=p.height)
     run = Run(cfg, Dist(), files[0].parent, None, p, train, train, train, net, Normalize(p), TrainState(),
               torch.Generator(), torch.Generator())
-    plain, mirrored = train_features(run)
+    views = train_features(run)  # every orientation is still to be decided: all four views are cached
+    changes = {"plain": lambda x: x, "hflip": lambda x: x.flip(3), "vflip": lambda x: x.flip(2),
+               "rot90": lambda x: x.rot90(1, dims=(2, 3))}  # NCHW here, NHWC in phases.ORIENTATIONS
+    assert set(views) == set(changes)
     with torch.no_grad():
         for i, path in enumerate(files):
             x = torch.from_numpy(preprocess(path, p))
-            np.testing.assert_allclose(plain[i].numpy(), net.backbone(x)[0].numpy(), atol=1e-5, err_msg=path.name)
-            mirror = net.backbone(x.flip(3))[0].numpy()
-            np.testing.assert_allclose(mirrored[i].numpy(), mirror, atol=1e-5, err_msg=path.name)
-    assert len(plain) == len(mirrored) == len(files)
+            for name, change in changes.items():
+                np.testing.assert_allclose(views[name][i].numpy(), net.backbone(change(x))[0].numpy(), atol=1e-5,
+                                           err_msg=f"{path.name} {name}")
+    assert all(len(v) == len(files) for v in views.values())

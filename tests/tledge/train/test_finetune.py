@@ -37,8 +37,7 @@ def test_run_writes_everything_and_learns(tiny_run):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
     metrics = json.loads((out / "metrics.json").read_text())
-    # chance is 1/3; 18 test images after 2 fine-tuning epochs at 32 px: two misses (88.9%) are not a failure
-    assert metrics["test_accuracy"] >= 0.8 and metrics["val_accuracy"] >= 0.9
+    assert metrics["test_accuracy"] >= 0.9 and metrics["val_accuracy"] >= 0.9
     assert [h["phase"] for h in tiny_run.history] == ["head", "head", "finetune", "finetune"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "history.csv").read_text().splitlines()) == 1 + len(tiny_run.history)
@@ -137,7 +136,8 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "tledge", "finetune", str(data), "--out", str(out)]
     for key, value in opts.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace('_', '-')
+        args += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "TLEDGE_PROGRESS": "0"})
     killed_after = _kill_when(proc, out / "last.pt", min_epoch=2)
