@@ -53,6 +53,15 @@ TINY = dict(arch="efficientnet_lite0", img_size=32, epochs=4, freeze_epochs=2, b
             crop_scale=0.35, backbone_lr_scale=0.1, vflip=False, rot90=False)
 
 
+def cli_options(options: dict) -> list[str]:
+    """``FinetuneConfig`` keyword arguments as ``tledge finetune`` options (booleans as ``--x`` / ``--no-x``)."""
+    args: list[str] = []
+    for key, value in options.items():
+        flag = key.replace("_", "-")
+        args += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    return args
+
+
 def tiny_run_fixture(tmp_path_factory: pytest.TempPathFactory):
     """One real fine-tuning run (ImageNet EfficientNet-Lite0, 32 px), shared by the tests that only read it."""
     from tledge.train.finetune import FinetuneConfig, finetune

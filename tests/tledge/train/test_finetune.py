@@ -18,7 +18,7 @@ from tledge.models import create_model
 from tledge.train.checkpoint import load_checkpoint, model_from_checkpoint
 from tledge.train.finetune import FinetuneConfig, finetune, resume
 
-from ...datasets import TINY, make_dataset
+from ...datasets import TINY, cli_options, make_dataset
 
 TIME_KEYS = ("seconds", "images_per_s")
 
@@ -135,9 +135,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     data = make_dataset(tmp_path / "b", per_class=40)
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "tledge", "finetune", str(data), "--out", str(out)]
-    for key, value in opts.items():
-        flag = key.replace('_', '-')
-        args += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    args += cli_options(opts)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "TLEDGE_PROGRESS": "0"})
     killed_after = _kill_when(proc, out / "last.pt", min_epoch=2)

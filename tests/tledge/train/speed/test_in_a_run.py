@@ -15,7 +15,7 @@ from tledge.cli.main import main
 from tledge.train.finetune import FinetuneConfig, finetune
 from tledge.train.speed.cpu import read_cpu
 
-from ....datasets import TINY, make_dataset
+from ....datasets import TINY, cli_options, make_dataset
 
 TIME_KEYS = ("seconds", "images_per_s")
 
@@ -56,8 +56,7 @@ def test_options_reach_the_run_from_the_command_line(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=8)
     args = ["finetune", str(data), "--out", str(tmp_path / "run"), "--json", "--precision", "bf16", "--compile", "off",
             "--threads", "1", "--no-speedups"]
-    for key, value in {**TINY, "epochs": 3}.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+    args += cli_options({**TINY, "epochs": 3})
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     speed = json.loads(result.output[result.output.index("{"):])["speed"]
