@@ -83,10 +83,14 @@ def test_hflip_auto_turns_mirroring_off_when_the_mirror_is_another_class(tmp_pat
     assert int8["qat"]["hflip"] is False
 
 
-def test_hflip_auto_keeps_mirroring_for_symmetric_classes(tiny_run):
-    assert tiny_run.metrics["hflip"] is True
+def test_orientation_auto_keeps_every_change_for_symmetric_classes(tiny_run, tmp_path):
+    assert tiny_run.metrics["hflip"] is True  # the shared tiny run pins vflip and rot90 off (tests/datasets.py)
     # colour does not care which way up: flips and rotations all help or tie, so all are on
-    assert tiny_run.metrics["vflip"] is True and tiny_run.metrics["rot90"] is True
+    data, out = make_dataset(tmp_path / "data", per_class=16), tmp_path / "run"
+    _invoke(["finetune", str(data), "--out", str(out), "--img-size", "32", "--epochs", "2", "--freeze-epochs", "2",
+             "--workers", "2"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["hflip"], metrics["vflip"], metrics["rot90"]) == (True, True, True)
 
 
 def _patterns(folder, n: int, classes: dict) -> None:
