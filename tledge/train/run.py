@@ -72,6 +72,14 @@ class TrainState:
         """``{"hflip": .., "vflip": .., "rot90": ..}``: what metrics.json and every checkpoint record."""
         return {"hflip": self.hflip, "vflip": self.vflip, "rot90": self.rot90}
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> "TrainState":
+        """The state a last.pt holds (its ``phase`` aside). A last.pt from before ``top_acc`` kept the highest
+        accuracy as best.pt's, so that is its top."""
+        fields = {k: v for k, v in saved.items() if k != "phase"}
+        fields.setdefault("top_acc", fields.get("best_acc", -1.0))
+        return cls(**fields)
+
     def improves(self, val_acc: float, val_loss: float, one_image: float = 0.0) -> bool:
         """A validation accuracy higher than any epoch's so far; or a tie with it at a lower validation loss than
         best.pt's, where accuracies within ``one_image`` (one validation image's share) count as tied.
@@ -172,9 +180,7 @@ def _start_folder(cfg: FinetuneConfig, dist: dist_utils.Dist, out: Path, splits:
 
 def _restore(run: Run, ckpt: dict[str, Any]) -> None:
     run.model.load_state_dict(ckpt["state_dict"])
-    saved = {k: v for k, v in ckpt["state"].items() if k != "phase"}
-    saved.setdefault("top_acc", saved.get("best_acc", -1.0))  # a last.pt from before top_acc: best was the top
-    run.state = TrainState(**saved)
+    run.state = TrainState.from_saved(ckpt["state"])
     run.shuffle_gen.set_state(ckpt["rng"]["shuffle"])
     augment = ckpt["rng"]["augment"]
     if run.dist.rank < len(augment):

@@ -70,6 +70,18 @@ def test_best_epoch_is_the_best_accuracy_with_ties_within_one_image_to_the_lower
     assert load_checkpoint(tiny_run.best)["epoch"] == expected
 
 
+def test_a_last_checkpoint_from_before_top_acc_resumes_with_best_as_its_top(tiny_run):
+    from tledge.train.run import TrainState
+
+    saved = load_checkpoint(tiny_run.out / "last.pt")["state"]
+    assert "top_acc" in saved  # what this version writes
+    old = {k: v for k, v in saved.items() if k != "top_acc"}  # what a last.pt from before it holds
+    state = TrainState.from_saved(old)
+    assert state.top_acc == saved["best_acc"] and state.epoch == saved["epoch"]
+    assert not state.improves(saved["best_acc"] - 0.5, 0.0)  # not a fresh state that any epoch would beat
+    assert TrainState.from_saved(saved) == TrainState.from_saved({**saved, "phase": "finetune"})
+
+
 def test_checkpoints_hold_only_plain_data_and_rebuild_their_model(tiny_run):
     raw = torch.load(tiny_run.best, map_location="cpu", weights_only=True)  # no pickled code anywhere
     assert raw["format"] == "tledge.train.checkpoint" and raw["arch"] == "efficientnet_lite0"
